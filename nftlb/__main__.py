@@ -1,0 +1,5 @@
+import sys
+
+from nftlb.cli import main
+
+sys.exit(main())

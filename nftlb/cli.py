@@ -1,0 +1,223 @@
+"""The command line: parse options, call one library function, print.
+
+`main()` is the one place that turns exceptions into exit codes:
+0 ok, 1 differences (diff), 2 bad input or usage, 3 kernel or system error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nftlb import __version__, backend as backends, model, ops, plan as planlib, render, state
+from nftlb.errors import EXIT_DIFFERENT, EXIT_SYSTEM, ConfigError, NftlbError
+
+app = typer.Typer(
+    name="nftlb",
+    help="A Layer-4 load balancer made of the kernel's own nftables.\n\n"
+    "Write pools.yaml (virtual IP:port -> backends), then `nftlb apply pools.yaml`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class _Opts:
+    debug = False
+    json = False
+
+
+class BackendName(str, Enum):
+    libnftables = "libnftables"
+    nft = "nft"
+
+
+FileArg = Annotated[Path, typer.Argument(help="The pools file (YAML).", metavar="FILE")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+BackendOpt = Annotated[
+    Optional[BackendName],
+    typer.Option("--backend", help="How to reach the kernel [default: libnftables if importable, else nft]."),
+]
+StateDirOpt = Annotated[
+    Path,
+    typer.Option("--state-dir", envvar="NFTLB_STATE_DIR", help="Where nftlb keeps what it applied."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nftlb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
+) -> None:
+    _Opts.debug = debug
+
+
+def _out(as_json: bool, doc: dict, text: str) -> None:
+    _Opts.json = as_json
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+    elif text:
+        typer.echo(text, nl=not text.endswith("\n"))
+
+
+def _kernel(name: Optional[BackendName]) -> backends.Backend:
+    return backends.make(name.value if name else None)
+
+
+@app.command()
+def validate(file: FileArg, as_json: JsonOpt = False) -> None:
+    """Check a pools file; list every problem as FILE:LINE: field: message.
+
+    \b
+    Example:
+      nftlb validate /etc/nftlb/pools.yaml
+    """
+    _Opts.json = as_json
+    config = model.load(file)
+    s = ops.summary(planlib.build(config))
+    _out(as_json, {"ok": True, "file": str(file), **s},
+         f"{file}: ok ({s['pools']} pools, {s['backends']} backends, table inet {s['table']})")
+
+
+@app.command("render")
+def render_(file: FileArg, as_json: JsonOpt = False) -> None:
+    """Print the complete nft script for a pools file (loadable with `nft -f`).
+
+    \b
+    Example:
+      nftlb render pools.yaml > lb.nft && nft -c -f lb.nft
+    """
+    _Opts.json = as_json
+    want = ops.desired(file)
+    _out(as_json, {"table": want.plan.table, "ruleset": want.script}, want.script)
+
+
+@app.command()
+def diff(
+    file: FileArg,
+    backend: BackendOpt = None,
+    state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what applying FILE would change; exit 0 when in sync, 1 when not.
+
+    \b
+    Example:
+      nftlb diff pools.yaml || echo "live table differs"
+    """
+    _Opts.json = as_json
+    want, d = ops.compare(file, _kernel(backend), state_dir)
+    text = ""
+    if d.drift:
+        text += f"drift: {d.drift}\n" if "\n" not in d.drift else f"drift (changed outside nftlb):\n{d.drift}"
+    text += d.changes or ("" if not d.in_sync else f"table inet {want.plan.table} is in sync with {file}\n")
+    _out(as_json, {"table": want.plan.table, **d.as_dict()}, text)
+    if not d.in_sync:
+        raise typer.Exit(EXIT_DIFFERENT)
+
+
+@app.command()
+def apply(
+    file: FileArg,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the diff and have the kernel check it; change nothing.")
+    ] = False,
+    backend: BackendOpt = None,
+    state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring our nftables table to what FILE asks for, in one kernel transaction.
+
+    \b
+    Examples:
+      nftlb apply --dry-run pools.yaml
+      nftlb apply pools.yaml
+    """
+    _Opts.json = as_json
+    r = ops.apply(file, _kernel(backend), state_dir, dry_run=dry_run)
+    s = r.summary
+    if r.action == "in-sync":
+        text = f"table inet {s['table']} is in sync with {file}: nothing to do\n"
+    else:
+        parts = [f"{s['pools']} pools ({s['ipv4']} IPv4, {s['ipv6']} IPv6; {s['tcp']} tcp, {s['udp']} udp)",
+                 f"{s['backends']} backends ({s['draining']} draining)"]
+        changes = [f"{k} {', '.join(v)}" for k, v in
+                   (("added", r.pools_added), ("removed", r.pools_removed), ("changed", r.pools_changed)) if v]
+        text = ""
+        if r.action == "dry-run":
+            if r.diff.drift:
+                text += f"drift: {r.diff.drift}\n" if "\n" not in r.diff.drift else f"drift:\n{r.diff.drift}"
+            text += r.diff.changes
+            text += f"dry run: the kernel accepts this change to table inet {s['table']}; nothing was changed\n"
+        else:
+            text = f"applied table inet {s['table']}: {', '.join(parts)} in {r.seconds:.2f} s\n"
+        if changes:
+            text += "pools " + "; ".join(changes) + "\n"
+        if s["refusing"]:
+            text += f"refusing new connections (no active backend): {', '.join(s['refusing'])}\n"
+    _out(as_json, r.as_dict(), text)
+
+
+@app.command()
+def remove(
+    table: Annotated[
+        Optional[str], typer.Option("--table", help="Table to delete [default: the one nftlb last applied].")
+    ] = None,
+    backend: BackendOpt = None,
+    state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete nftlb's table (and only it); established connections keep their NAT.
+
+    \b
+    Example:
+      nftlb remove
+    """
+    _Opts.json = as_json
+    removed = ops.remove(_kernel(backend), state_dir, table)
+    _out(as_json, {"removed": removed},
+         f"deleted table inet {removed}\n" if removed else "no nftlb table present: nothing to do\n")
+
+
+def _report(e: NftlbError) -> None:
+    problems = e.problems if isinstance(e, ConfigError) else []
+    for line in (str(p) for p in problems) if problems else [f"nftlb: {e}"]:
+        print(line, file=sys.stderr)
+    if _Opts.json:
+        doc = {"ok": False, "exit_code": e.exit_code, "error": str(e),
+               "problems": [p.as_dict() for p in problems]}
+        print(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    _Opts.debug = _Opts.json = False
+    try:
+        app(args=argv, prog_name="nftlb")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except NftlbError as e:
+        _report(e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a bug: say so plainly, keep the traceback for --debug
+        if _Opts.debug or os.environ.get("NFTLB_DEBUG"):
+            raise
+        print(f"nftlb: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_SYSTEM
+    return 0

@@ -1,0 +1,359 @@
+"""The pools file: YAML with line numbers in, a validated `Config` out.
+
+Every problem is reported as ``FILE:LINE: field: message``; all of them at once,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+
+from nftlb.errors import ConfigError
+
+DEFAULT_TABLE = "nftlb"
+DEFAULT_SEED = 0x6E66746C  # "nftl": fixed, so every gateway given the same file hashes alike
+MAX_FILE_BYTES = 32 * 1024 * 1024
+MAX_NODES = 2_000_000  # YAML nodes after alias expansion ("billion laughs" guard)
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+_POOL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
+_TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
+_SHORT_V6 = re.compile(r"\[(?P<addr>[^\]]+)\](?::(?P<port>[^:]*))?")
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "field": self.field, "message": self.message}
+
+
+def _address(value: Any, what: str) -> IPAddress:
+    """An address a packet can be sent to: not unspecified, multicast, loopback or link-local."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected an IPv4 or IPv6 address as a string, got {type(value).__name__}")
+    try:
+        addr = ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+    if getattr(addr, "ipv4_mapped", None):
+        raise ValueError(f"{value} is an IPv4-mapped IPv6 address; write it as {addr.ipv4_mapped}")
+    for bad, why in (
+        (addr.is_unspecified, "unspecified"),
+        (addr.is_multicast, "multicast"),
+        (addr.is_loopback, "loopback (forwarded traffic cannot be DNATed to it)"),
+        (addr.is_link_local, "link-local"),
+        (addr == ipaddress.IPv4Address("255.255.255.255"), "broadcast"),
+    ):
+        if bad:
+            raise ValueError(f"{value} is {why}; a {what} needs a unicast address")
+    return addr
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Backend(_Model):
+    address: IPAddress
+    port: StrictInt | None = Field(None, ge=1, le=65535)
+    weight: StrictInt = Field(1, ge=1, le=1000)
+    state: Literal["active", "drain"] = "active"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        """``10.0.0.1:8080``, ``[2001:db8::1]:8080``, or a bare address (the pool's port)."""
+        if isinstance(data, str):
+            return _parse_short(data)
+        return data
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _check_address(cls, v: Any) -> IPAddress:
+        return _address(v, "backend")
+
+    @property
+    def key(self) -> tuple:
+        return (self.address.version, int(self.address), self.port)
+
+
+def _parse_short(text: str) -> dict:
+    text = text.strip()
+    m = _SHORT_V6.fullmatch(text)
+    if m:
+        addr, port = m["addr"], m["port"]
+    elif text.count(":") == 1:
+        addr, port = text.split(":")
+    else:  # a bare IPv4 or IPv6 address
+        addr, port = text, None
+    out: dict[str, Any] = {"address": addr}
+    if port is not None:
+        if not port.isdigit():
+            raise ValueError(f"port in {text!r} is not a number")
+        out["port"] = int(port)
+    return out
+
+
+class Pool(_Model):
+    name: str
+    vip: IPAddress
+    port: StrictInt = Field(ge=1, le=65535)
+    protocol: Literal["tcp", "udp"] = "tcp"
+    scheduler: Literal["hash", "source-hash", "round-robin", "random"] = "hash"
+    mode: Literal["dnat", "masquerade"] = "dnat"
+    backends: list[Backend] = Field(min_length=1)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _check_name(cls, v: Any) -> str:
+        if not isinstance(v, str) or not _POOL_NAME.fullmatch(v):
+            raise ValueError(
+                f"{v!r} is not a pool name: use 1-31 characters a-z 0-9 _ -, starting with a letter"
+            )
+        return v
+
+    @field_validator("vip", mode="before")
+    @classmethod
+    def _check_vip(cls, v: Any) -> IPAddress:
+        return _address(v, "vip")
+
+    @model_validator(mode="after")
+    def _default_ports(self) -> "Pool":
+        for b in self.backends:
+            if b.port is None:
+                b.port = self.port
+        return self
+
+    @property
+    def family(self) -> str:
+        return "ip" if self.vip.version == 4 else "ip6"
+
+
+class Config(_Model):
+    table: str = DEFAULT_TABLE
+    seed: StrictInt = Field(DEFAULT_SEED, ge=0, le=0xFFFFFFFF)
+    pools: list[Pool]
+
+    @field_validator("table", mode="before")
+    @classmethod
+    def _check_table(cls, v: Any) -> str:
+        if not isinstance(v, str) or not _TABLE_NAME.fullmatch(v):
+            raise ValueError(f"{v!r} is not a table name: use 1-31 characters a-z 0-9 _, starting with a letter")
+        return v
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _hex_seed(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return int(v, 0)
+            except ValueError:
+                raise ValueError(f"{v!r} is not a number (write it as 24301 or 0x5eed)") from None
+        return v
+
+
+# --- YAML with line numbers -------------------------------------------------
+
+
+class _Tree:
+    """Plain data from a YAML document plus the line of every key, item and value."""
+
+    def __init__(self, text: str, file: str):
+        self.file = file
+        self.lines: dict[tuple, int] = {}
+        self.problems: list[Problem] = []
+        self._nodes = 0
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            self.data = None if node is None else self._build(loader, node, ())
+        finally:
+            loader.dispose()
+
+    def _build(self, loader: yaml.SafeLoader, node: yaml.Node, path: tuple) -> Any:
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _TooBig()
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            loader.flatten_mapping(node)  # YAML merge keys (<<)
+            out: dict = {}
+            for knode, vnode in node.value:
+                key = loader.construct_object(knode, deep=True) if isinstance(knode, yaml.ScalarNode) else None
+                line = knode.start_mark.line + 1
+                if key is None or isinstance(key, (list, dict)):
+                    self.problems.append(Problem(self.file, line, _field(path) or "(top)", "keys must be plain scalars"))
+                    continue
+                if key in out:
+                    first = self.lines[path + (key,)]
+                    self.problems.append(
+                        Problem(self.file, line, _field(path + (key,)), f"duplicate key (first given on line {first})")
+                    )
+                    continue
+                self.lines[path + (key,)] = line
+                out[key] = self._build(loader, vnode, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._build(loader, item, path + (i,)) for i, item in enumerate(node.value)]
+        return loader.construct_object(node, deep=True)
+
+    def line(self, loc: tuple) -> int:
+        """Line of the deepest part of `loc` that the file spells out."""
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in self.lines:
+                return self.lines[loc[:n]]
+        return 1
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _field(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def _message(err: dict) -> str:
+    msg = _MESSAGES.get(err["type"])
+    if msg is None:
+        msg = err["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(prefix)
+        value = err.get("input")
+        if err["type"] not in ("value_error",) and isinstance(value, (str, int, float, bool)) and len(repr(value)) < 60:
+            msg += f" (got {value!r})"
+    return msg
+
+
+def _loc(err: dict) -> tuple:
+    # pydantic adds the union member ("function-after[...]", "IPv4Address") to the loc; drop it
+    return tuple(p for p in err["loc"] if isinstance(p, int) or not re.search(r"[\[\]A-Z]", p))
+
+
+def read(path: str | Path) -> str:
+    """The pools file's text; ConfigError if it cannot be read, is too large or is not UTF-8."""
+    file = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError([Problem(file, 0, "file", e.strerror or str(e))]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError([Problem(file, 0, "file", f"larger than the {MAX_FILE_BYTES // 2**20} MiB limit")])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem(file, raw[: e.start].count(b"\n") + 1, "file", "not UTF-8 text")]) from None
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a pools file; raise ConfigError listing every problem."""
+    return parse(read(path), str(path))
+
+
+def parse(text: str, file: str = "<string>") -> Config:
+    def fail(line: int, field: str, message: str):
+        raise ConfigError([Problem(file, line, field, message)])
+
+    try:
+        tree = _Tree(text, file)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        fail(mark.line + 1 if mark else 0, "yaml", " ".join(filter(None, [e.context, e.problem])))
+    except yaml.YAMLError as e:
+        fail(0, "yaml", str(e))
+    except _TooBig:
+        fail(0, "file", f"more than {MAX_NODES} YAML nodes")
+    except RecursionError:
+        fail(0, "yaml", "nested too deeply")
+    problems = tree.problems
+    if not isinstance(tree.data, dict):
+        what = "empty" if tree.data is None else f"a {type(tree.data).__name__}"
+        raise ConfigError(problems + [Problem(file, 1, "(top)", f"file is {what}; expected a mapping with a 'pools' list")])
+
+    config = None
+    bad_pools: set[int] = set()
+    try:
+        config = Config.model_validate(tree.data)
+    except ValidationError as e:
+        for err in e.errors(include_url=False):
+            loc = _loc(err)
+            if len(loc) > 1 and loc[0] == "pools" and isinstance(loc[1], int):
+                bad_pools.add(loc[1])
+            problems.append(Problem(file, tree.line(loc), _field(loc) or "(top)", _message(err)))
+    raw_pools = tree.data.get("pools")
+    if isinstance(raw_pools, list):
+        pools = []
+        for i, p in enumerate(raw_pools):
+            if i not in bad_pools:
+                try:
+                    pools.append((i, Pool.model_validate(p)))
+                except ValidationError:
+                    pass
+        problems += _cross_check(pools, tree)
+    if problems:
+        raise ConfigError(sorted(problems, key=lambda p: p.line))
+    return config
+
+
+def _cross_check(pools: list[tuple[int, Pool]], tree: _Tree) -> list[Problem]:
+    """Problems that involve more than one field: duplicates and address-family mismatches."""
+    out = []
+
+    def problem(loc: tuple, message: str):
+        out.append(Problem(tree.file, tree.line(loc), _field(loc), message))
+
+    names: dict[str, int] = {}
+    services: dict[tuple, int] = {}
+    for i, pool in pools:
+        if pool.name in names:
+            problem(("pools", i, "name"), f"duplicate pool name {pool.name!r} (first on line {names[pool.name]})")
+        else:
+            names[pool.name] = tree.line(("pools", i, "name"))
+        service = (pool.vip, pool.port, pool.protocol)
+        if service in services:
+            problem(
+                ("pools", i, "vip"),
+                f"{_endpoint(pool.vip, pool.port)}/{pool.protocol} is already served by the pool on line {services[service]}",
+            )
+        else:
+            services[service] = tree.line(("pools", i, "vip"))
+        seen: dict[tuple, int] = {}
+        for j, b in enumerate(pool.backends):
+            loc = ("pools", i, "backends", j)
+            if b.address.version != pool.vip.version:
+                problem(loc, f"IPv{b.address.version} backend {b.address} in a pool whose vip {pool.vip} is IPv{pool.vip.version}")
+            if b.key in seen:
+                problem(loc, f"backend {_endpoint(b.address, b.port)} is listed twice (first on line {seen[b.key]})")
+            else:
+                seen[b.key] = tree.line(loc)
+    return out
+
+
+def _endpoint(addr: IPAddress, port: int | None) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
