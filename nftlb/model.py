@@ -65,6 +65,11 @@ def _address(value: Any, what: str) -> IPAddress:
     return addr
 
 
+def _not_bool(v: Any) -> None:
+    if isinstance(v, bool):
+        raise ValueError(f"YAML read this as the boolean {str(v).lower()} (yes/no/on/off); put it in quotes")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -122,6 +127,7 @@ class Pool(_Model):
     @field_validator("name", mode="before")
     @classmethod
     def _check_name(cls, v: Any) -> str:
+        _not_bool(v)
         if not isinstance(v, str) or not _POOL_NAME.fullmatch(v):
             raise ValueError(
                 f"{v!r} is not a pool name: use 1-31 characters a-z 0-9 _ -, starting with a letter"
@@ -153,6 +159,7 @@ class Config(_Model):
     @field_validator("table", mode="before")
     @classmethod
     def _check_table(cls, v: Any) -> str:
+        _not_bool(v)
         if not isinstance(v, str) or not _TABLE_NAME.fullmatch(v):
             raise ValueError(f"{v!r} is not a table name: use 1-31 characters a-z 0-9 _, starting with a letter")
         return v
@@ -179,9 +186,11 @@ class _Tree:
         self.lines: dict[tuple, int] = {}
         self.problems: list[Problem] = []
         self._nodes = 0
+        self._merged: set[tuple] = set()
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
+            self.lines[()] = 1 if node is None else node.start_mark.line + 1
             self.data = None if node is None else self._build(loader, node, ())
         finally:
             loader.dispose()
@@ -190,27 +199,36 @@ class _Tree:
         self._nodes += 1
         if self._nodes > MAX_NODES:
             raise _TooBig()
-        self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
-            loader.flatten_mapping(node)  # YAML merge keys (<<)
+            explicit = sum(k.tag != "tag:yaml.org,2002:merge" for k, _ in node.value)
+            loader.flatten_mapping(node)  # YAML merge keys (<<): merged pairs first, explicit ones override
+            merged = len(node.value) - explicit
             out: dict = {}
-            for knode, vnode in node.value:
+            for n, (knode, vnode) in enumerate(node.value):
                 key = loader.construct_object(knode, deep=True) if isinstance(knode, yaml.ScalarNode) else None
                 line = knode.start_mark.line + 1
                 if key is None or isinstance(key, (list, dict)):
                     self.problems.append(Problem(self.file, line, _field(path) or "(top)", "keys must be plain scalars"))
                     continue
+                sub = path + (key,)
                 if key in out:
-                    first = self.lines[path + (key,)]
-                    self.problems.append(
-                        Problem(self.file, line, _field(path + (key,)), f"duplicate key (first given on line {first})")
-                    )
-                    continue
-                self.lines[path + (key,)] = line
-                out[key] = self._build(loader, vnode, path + (key,))
+                    if sub not in self._merged:
+                        self.problems.append(
+                            Problem(self.file, line, _field(sub), f"duplicate key (first given on line {self.lines[sub]})")
+                        )
+                        continue
+                    self._merged.discard(sub)  # an explicit key overrides a merged one
+                if n < merged:
+                    self._merged.add(sub)
+                self.lines[sub] = line
+                out[key] = self._build(loader, vnode, sub)
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self._build(loader, item, path + (i,)) for i, item in enumerate(node.value)]
+            out_list = []
+            for i, item in enumerate(node.value):
+                self.lines[path + (i,)] = item.start_mark.line + 1
+                out_list.append(self._build(loader, item, path + (i,)))
+            return out_list
         return loader.construct_object(node, deep=True)
 
     def line(self, loc: tuple) -> int:

@@ -1,0 +1,206 @@
+import pytest
+
+from nftlb import model
+from nftlb.errors import ConfigError
+
+from conftest import ROOT
+
+GOOD = """
+table: lb
+seed: 0x5eed
+pools:
+  - name: web
+    vip: 198.51.100.10
+    port: 80
+    backends:
+      - 10.0.0.11:8080
+      - {address: 10.0.0.12, port: 8080, weight: 2}
+      - {address: 10.0.0.13, state: drain}
+      - 10.0.0.14
+  - name: web6
+    vip: 2001:db8::10
+    port: 443
+    protocol: udp
+    scheduler: round-robin
+    mode: masquerade
+    backends: ["[2001:db8:1::11]:8443", "2001:db8:1::12"]
+"""
+
+
+def problems(write, text):
+    path = write(text)
+    with pytest.raises(ConfigError) as e:
+        model.load(path)
+    return [(p.line, p.field, p.message) for p in e.value.problems], path
+
+
+def test_examples_in_rules_are_valid():
+    files = sorted((ROOT / "rules").glob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        assert model.load(f).pools
+
+
+def test_good_file_with_defaults_and_short_forms(write):
+    c = model.load(write(GOOD))
+    assert c.table == "lb" and c.seed == 0x5EED
+    web, web6 = c.pools
+    assert (web.protocol, web.scheduler, web.mode) == ("tcp", "hash", "dnat")
+    assert [(str(b.address), b.port, b.weight, b.state) for b in web.backends] == [
+        ("10.0.0.11", 8080, 1, "active"),
+        ("10.0.0.12", 8080, 2, "active"),
+        ("10.0.0.13", 80, 1, "drain"),  # no port: the pool's port
+        ("10.0.0.14", 80, 1, "active"),
+    ]
+    assert [(str(b.address), b.port) for b in web6.backends] == [("2001:db8:1::11", 8443), ("2001:db8:1::12", 443)]
+    assert web6.family == "ip6" and web.family == "ip"
+
+
+def test_defaults_table_and_seed(write):
+    c = model.load(write("pools: []\n"))
+    assert c.table == "nftlb" and c.seed == model.DEFAULT_SEED and c.pools == []
+
+
+def test_seed_as_hex_string(write):
+    assert model.load(write('seed: "0xabc"\npools: []\n')).seed == 0xABC
+
+
+def test_every_problem_is_listed_with_its_line(write):
+    found, path = problems(write, """
+        pools:
+          - name: Web
+            vip: 198.51.100.300
+            port: 0
+            protocl: udp
+            backends: []
+          - name: ok
+            vip: 198.51.100.1
+            port: 70000
+            scheduler: fastest
+            backends:
+              - {address: 10.0.0.1, weight: 1001}
+              - "10.0.0.2:x"
+              - {address: 10.0.0.3, state: up}
+        """)
+    assert found == [
+        (2, "pools[0].name", "'Web' is not a pool name: use 1-31 characters a-z 0-9 _ -, starting with a letter"),
+        (3, "pools[0].vip", "'198.51.100.300' is not an IPv4 or IPv6 address"),
+        (4, "pools[0].port", "Input should be greater than or equal to 1 (got 0)"),
+        (5, "pools[0].protocl", "unknown key"),
+        (6, "pools[0].backends", "List should have at least 1 item after validation, not 0"),
+        (9, "pools[1].port", "Input should be less than or equal to 65535 (got 70000)"),
+        (10, "pools[1].scheduler",
+         "Input should be 'hash', 'source-hash', 'round-robin' or 'random' (got 'fastest')"),
+        (12, "pools[1].backends[0].weight", "Input should be less than or equal to 1000 (got 1001)"),
+        (13, "pools[1].backends[1]", "port in '10.0.0.2:x' is not a number"),
+        (14, "pools[1].backends[2].state", "Input should be 'active' or 'drain' (got 'up')"),
+    ]
+
+
+def test_problem_renders_as_file_line_field_message(write):
+    path = write("pools:\n  - {name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1], extra: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        model.load(path)
+    assert str(e.value) == f"{path}:2: pools[0].extra: unknown key"
+
+
+def test_cross_field_problems(write):
+    found, _ = problems(write, """
+        pools:
+          - name: web
+            vip: 198.51.100.10
+            port: 80
+            backends: [10.0.0.1, "[2001:db8::1]:80", 10.0.0.1:80]
+          - name: web
+            vip: 198.51.100.10
+            port: 80
+            backends: [10.0.0.2]
+          - name: udp
+            vip: 198.51.100.10
+            port: 80
+            protocol: udp
+            backends: [10.0.0.2]
+        """)
+    assert found == [
+        (5, "pools[0].backends[1]", "IPv6 backend 2001:db8::1 in a pool whose vip 198.51.100.10 is IPv4"),
+        (5, "pools[0].backends[2]", "backend 10.0.0.1:80 is listed twice (first on line 5)"),
+        (6, "pools[1].name", "duplicate pool name 'web' (first on line 2)"),
+        (7, "pools[1].vip", "198.51.100.10:80/tcp is already served by the pool on line 3"),
+    ]
+
+
+@pytest.mark.parametrize("address, why", [
+    ("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"), ("127.0.0.1", "loopback"),
+    ("fe80::1", "link-local"), ("::ffff:10.0.0.1", "IPv4-mapped"), ("255.255.255.255", "broadcast"),
+])
+def test_unusable_addresses(write, address, why):
+    found, _ = problems(write, f"""
+        pools:
+          - name: a
+            vip: 198.51.100.1
+            port: 80
+            backends: [{{address: "{address}"}}]
+        """)
+    assert len(found) == 1 and found[0][:2] == (5, "pools[0].backends[0].address") and why in found[0][2]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", (1, "(top)", "file is empty; expected a mapping with a 'pools' list")),
+    ("- 1\n- 2\n", (1, "(top)", "file is a list; expected a mapping with a 'pools' list")),
+    ("table: nftlb\n", (1, "pools", "required key is missing")),
+    ("pools: [\n  {name: a\n", (3, "yaml", "while parsing a flow mapping expected ',' or '}', but got '<stream end>'")),
+    ("pools: []\npools: []\n", (2, "pools", "duplicate key (first given on line 1)")),
+    ("table: 'x; flush ruleset'\npools: []\n", (1, "table",
+     "'x; flush ruleset' is not a table name: use 1-31 characters a-z 0-9 _, starting with a letter")),
+    ("seed: 0x1ffffffff\npools: []\n", (1, "seed", "Input should be less than or equal to 4294967295 (got 8589934591)")),
+    ("pools: []\n? [a]\n: 1\n", (2, "(top)", "keys must be plain scalars")),
+])
+def test_file_level_problems(write, text, expected):
+    found, _ = problems(write, text)
+    assert found == [expected]
+
+
+def test_yaml_booleans_in_names_get_a_hint(write):
+    found, _ = problems(write, "pools:\n  - {name: off, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}\n")
+    assert found == [(2, "pools[0].name", "YAML read this as the boolean false (yes/no/on/off); put it in quotes")]
+
+
+def test_strict_numbers(write):
+    found, _ = problems(write, """
+        pools:
+          - {name: a, vip: 198.51.100.1, port: "80", backends: [{address: 10.0.0.1, weight: true}]}
+        """)
+    assert [f[1] for f in found] == ["pools[0].port", "pools[0].backends[0].weight"]
+
+
+def test_unreadable_binary_and_oversized_files(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="No such file"):
+        model.load(tmp_path / "missing.yaml")
+    junk = tmp_path / "junk.yaml"
+    junk.write_bytes(b"pools: []\n\xff\xfe\x00")
+    with pytest.raises(ConfigError) as e:
+        model.load(junk)
+    assert str(e.value) == f"{junk}:2: file: not UTF-8 text"
+    monkeypatch.setattr(model, "MAX_FILE_BYTES", 16)
+    junk.write_text("pools: []\n# padding padding\n")
+    with pytest.raises(ConfigError, match="larger than"):
+        model.load(junk)
+
+
+def test_alias_bomb_is_refused(write, monkeypatch):
+    monkeypatch.setattr(model, "MAX_NODES", 1000)
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    for i, name in enumerate("bcde"):
+        prev = "abcde"[i]
+        bomb += f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+    found, _ = problems(write, bomb)
+    assert found == [(0, "file", "more than 1000 YAML nodes")]
+
+
+def test_merge_keys_are_understood(write):
+    c = model.load(write("""
+        pools:
+          - &base {name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}
+          - {<<: *base, name: b, port: 81}
+        """))
+    assert [(p.name, p.port, str(p.vip)) for p in c.pools] == [("a", 80, "198.51.100.1"), ("b", 81, "198.51.100.1")]

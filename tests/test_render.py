@@ -1,0 +1,97 @@
+import os
+import re
+
+import jinja2
+import pytest
+
+from nftlb import model, plan, render
+
+from conftest import ROOT
+
+GOLDEN = ROOT / "tests" / "golden"
+EXAMPLES = sorted((ROOT / "rules").glob("*.yaml"))
+
+
+def rendered(text):
+    return render.ruleset(plan.build(model.parse(text)))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_match_golden_files(example):
+    """Set NFTLB_UPDATE_GOLDEN=1 to rewrite tests/golden after an intended change; review the diff."""
+    got = render.ruleset(plan.build(model.load(example)))
+    golden = GOLDEN / f"{example.stem}.nft"
+    if os.environ.get("NFTLB_UPDATE_GOLDEN"):
+        golden.write_text(got)
+    assert got == golden.read_text()
+
+
+def test_replaces_only_its_own_table_in_one_script():
+    text = rendered("table: lb7\npools: []\n")
+    statements = [line for line in text.splitlines() if line and not line.startswith(("#", "\t", "}"))]
+    assert statements == ["table inet lb7 {}", "delete table inet lb7", "table inet lb7 {"]
+    assert "flush" not in text
+
+
+def test_dispatch_is_one_vmap_lookup_per_family_whatever_the_pool_count():
+    pools = "".join(f"  - {{name: p{i}, vip: 198.51.100.{i}, port: 80, backends: [10.0.0.1, 10.0.0.2]}}\n"
+                    for i in range(1, 60))
+    text = rendered("pools:\n" + pools)
+    assert text.count("vmap @services4") == 2  # prerouting and output, not one rule per pool
+    assert len(re.findall(r"198\.51\.100\.\d+ \. tcp \. 80 : goto pool_p\d+", text)) == 59
+
+
+def test_schedulers_seed_and_single_backend():
+    text = rendered("""
+seed: 0xabc
+pools:
+  - {name: h, vip: 198.51.100.1, port: 80, backends: [10.0.0.1, 10.0.0.2]}
+  - {name: s, vip: 198.51.100.2, port: 80, scheduler: source-hash, backends: [10.0.0.1, 10.0.0.2]}
+  - {name: r, vip: 198.51.100.3, port: 53, protocol: udp, scheduler: round-robin, backends: [10.0.0.1, 10.0.0.2]}
+  - {name: n, vip: 198.51.100.4, port: 80, scheduler: random, backends: [10.0.0.1, 10.0.0.2]}
+  - {name: one, vip: "2001:db8::1", port: 80, backends: ["[fd00::1]:8080", {address: "fd00::2", state: drain}]}
+""")
+    assert ("meta l4proto tcp dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 2 seed 0xabc "
+            "map @pool_h_slots") in text
+    assert "meta l4proto tcp dnat ip to jhash ip saddr mod 2 seed 0xabc map @pool_s_slots" in text
+    assert "meta l4proto udp dnat ip to numgen inc mod 2 map @pool_r_slots" in text
+    assert "meta l4proto tcp dnat ip to numgen random mod 2 map @pool_n_slots" in text
+    assert "meta l4proto tcp dnat ip6 to [fd00::1]:8080\n" in text
+    assert "pool_one_slots" not in text
+    assert "refuse" not in text
+
+
+def test_all_drained_pool_is_refused_not_blackholed():
+    text = rendered("""
+pools:
+  - {name: down, vip: 198.51.100.1, port: 80, backends: [{address: 10.0.0.1, state: drain}]}
+""")
+    assert "goto pool_down" not in text
+    assert "elements = { 198.51.100.1 . tcp . 80 }" in text
+    for hook in ("input", "forward", "output"):
+        assert f"type filter hook {hook} priority filter; policy accept;" in text
+    assert "reject with tcp reset" in text
+
+
+def test_masquerade_elements():
+    text = rendered("""
+pools:
+  - {name: m, vip: 198.51.100.1, port: 80, mode: masquerade, backends: [10.0.0.1:8080, 10.0.0.2:8080]}
+""")
+    assert "elements = { 198.51.100.1 . tcp . 10.0.0.1 . 8080,\n\t\t\t     198.51.100.1 . tcp . 10.0.0.2 . 8080 }" in text
+
+
+def test_identifiers_are_checked_again_at_render_time():
+    bad = plan.Plan(table="x; flush ruleset", seed=1, pools=())
+    with pytest.raises(ValueError, match="refusing to render"):
+        render.ruleset(bad)
+
+
+def test_undefined_template_variables_fail_loudly(tmp_path):
+    (tmp_path / "t.j2").write_text("{{ nope }}")
+    with pytest.raises(jinja2.UndefinedError):
+        render.environment(str(tmp_path)).get_template("t.j2").render()
+
+
+def test_template_dir_found():
+    assert (render.template_dir() / "ruleset.nft.j2").is_file()
