@@ -348,6 +348,7 @@ def _cross_check(pools: list[tuple[int, Pool]], tree: _Tree) -> list[Problem]:
 
     names: dict[str, int] = {}
     services: dict[tuple, int] = {}
+    modes: dict[tuple, tuple[str, str]] = {}  # (vip, protocol, backend) -> (mode, pool)
     for i, pool in pools:
         if pool.name in names:
             problem(("pools", i, "name"), f"duplicate pool name {pool.name!r} (first on line {names[pool.name]})")
@@ -366,6 +367,11 @@ def _cross_check(pools: list[tuple[int, Pool]], tree: _Tree) -> list[Problem]:
             loc = ("pools", i, "backends", j)
             if b.address.version != pool.vip.version:
                 problem(loc, f"IPv{b.address.version} backend {b.address} in a pool whose vip {pool.vip} is IPv{pool.vip.version}")
+            shared = modes.setdefault((pool.vip, pool.protocol, b.key), (pool.mode, pool.name))
+            if shared[0] != pool.mode:
+                problem(loc, f"backend {_endpoint(b.address, b.port)} also serves pool {shared[1]!r} on the same vip "
+                        f"in {shared[0]} mode; after NAT the gateway cannot tell the two pools' connections apart, "
+                        "so give both pools the same mode or this one a different backend port")
             if b.key in seen:
                 problem(loc, f"backend {_endpoint(b.address, b.port)} is listed twice (first on line {seen[b.key]})")
             else:

@@ -1,0 +1,35 @@
+# make demo: install, build a throwaway namespace lab, balance real traffic, clean up.
+# make test: install, then the whole suite (unit tests and kernel tests in namespaces; needs root).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := nftables python3-nftables iproute2 conntrack python3-venv
+export DEBIAN_FRONTEND := noninteractive
+
+.PHONY: install deps test unit demo clean
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing" $$missing; \
+	  apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; }; \
+	fi
+
+# The venv sees Debian's python3-nftables through --system-site-packages.
+$(VENV)/.installed: pyproject.toml
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: deps $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest
+
+unit: install
+	$(PY) -m pytest tests
+
+demo: install
+	$(PY) integration/demo.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,251 @@
+#!/usr/bin/python3
+"""Traffic client for the nftlb network-namespace lab (stdlib only).
+
+Run inside the client (or gateway) namespace.  Subcommands; every result is
+JSON on stdout:
+
+``spread-http VIP PORT COUNT TIMEOUT``
+    COUNT new TCP connections, each carrying one ``GET /`` with
+    ``Connection: close``.  Prints one object::
+
+        {"backends": {"b1": n, ...}, "failed": k, "errors": [...],
+         "peers": {"b1": ["192.0.2.2"], ...}}
+
+``spread-udp VIP PORT COUNT TIMEOUT [FIRST_SPORT]``
+    COUNT datagrams, each from a new socket with a new source port.  Same
+    output.  With FIRST_SPORT the sockets are bound to FIRST_SPORT,
+    FIRST_SPORT+1, ... (ports in use are skipped); otherwise the kernel picks
+    random ephemeral ports, which may repeat.  The last source port used is
+    reported as "last_sport".
+
+``keepalive VIP PORT N [TIMEOUT]``
+    One TCP connection, N HTTP/1.1 requests on it.  Prints
+    ``{"backends": [...], "local_port": p, "error": null|"..."}``.
+
+``hold VIP PORT [TIMEOUT]``
+    Open one keep-alive connection, print
+    ``{"event": "connected", "local_port": p}`` (or ``{"error": ...}``), then
+    for every line read on stdin send one request on the SAME connection and
+    print one JSON line ``{"backend": ..., "peer": ..., "local_port": p}`` or
+    ``{"error": "...", "local_port": p}``.  Never reconnects.  Exits at EOF.
+
+Failures (timeouts, resets, refusals, garbage) are counted/reported, never
+raised.  IPv6 literals are accepted with or without brackets.
+"""
+
+import errno
+import http.client
+import json
+import socket
+import sys
+
+MAX_ERRORS = 5
+
+
+def _host(vip: str) -> str:
+    if vip.startswith("[") and vip.endswith("]"):
+        return vip[1:-1]
+    return vip
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Result:
+    def __init__(self):
+        self.backends = {}
+        self.peers = {}
+        self.failed = 0
+        self.errors = []
+
+    def ok(self, answer: dict) -> None:
+        name = answer["backend"]
+        self.backends[name] = self.backends.get(name, 0) + 1
+        peers = self.peers.setdefault(name, [])
+        if answer.get("peer") not in peers:
+            peers.append(answer.get("peer"))
+
+    def fail(self, msg: str) -> None:
+        self.failed += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(msg)
+
+    def as_dict(self) -> dict:
+        return {"backends": self.backends, "failed": self.failed, "errors": self.errors, "peers": self.peers}
+
+
+def _parse_answer(raw: bytes) -> dict:
+    answer = json.loads(raw.decode())
+    if not isinstance(answer, dict) or "backend" not in answer:
+        raise ValueError(f"unexpected answer {raw[:200]!r}")
+    return answer
+
+
+def _get(conn: http.client.HTTPConnection, close: bool) -> dict:
+    headers = {"Connection": "close"} if close else {}
+    conn.request("GET", "/", headers=headers)
+    resp = conn.getresponse()
+    body = resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}")
+    answer = _parse_answer(body)
+    if resp.getheader("X-Backend") != answer["backend"]:
+        raise RuntimeError(f"X-Backend header {resp.getheader('X-Backend')!r} != body {answer['backend']!r}")
+    return answer
+
+
+def spread_http(vip: str, port: int, count: int, timeout: float) -> dict:
+    res = _Result()
+    for _ in range(count):
+        conn = http.client.HTTPConnection(_host(vip), port, timeout=timeout)
+        try:
+            res.ok(_get(conn, close=True))
+        except Exception as exc:  # noqa: BLE001 - every failure is counted
+            res.fail(_err(exc))
+        finally:
+            conn.close()
+    return res.as_dict()
+
+
+def _bind_next(sock: socket.socket, family: int, sport: int) -> int:
+    """Bind to the first free port >= sport (wrapping below 65535); return it."""
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    for _ in range(1000):
+        if sport > 65535:
+            sport = 1024
+        try:
+            sock.bind((wildcard, sport))
+            return sport
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            sport += 1
+    raise OSError(errno.EADDRINUSE, "no free source port")
+
+
+def spread_udp(vip: str, port: int, count: int, timeout: float, first_sport: int | None = None) -> dict:
+    res = _Result()
+    host = _host(vip)
+    sport = first_sport
+    last_sport = None
+    for _ in range(count):
+        try:
+            family, socktype, proto, _cn, addr = socket.getaddrinfo(
+                host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST
+            )[0]
+        except Exception as exc:  # noqa: BLE001
+            res.fail(_err(exc))
+            continue
+        sock = socket.socket(family, socktype, proto)
+        try:
+            sock.settimeout(timeout)
+            if sport is not None:
+                last_sport = _bind_next(sock, family, sport)
+                sport = last_sport + 1
+            # connect(): only answers coming back from VIP:PORT are accepted
+            # (an un-NATed reply from a backend's real address is a failure),
+            # and ICMP port-unreachable surfaces as ConnectionRefusedError.
+            sock.connect(addr)
+            sock.send(b"ping")
+            res.ok(_parse_answer(sock.recv(65535)))
+        except Exception as exc:  # noqa: BLE001
+            res.fail(_err(exc))
+        finally:
+            sock.close()
+    out = res.as_dict()
+    out["last_sport"] = last_sport
+    return out
+
+
+def _open(vip: str, port: int, timeout: float) -> tuple:
+    conn = http.client.HTTPConnection(_host(vip), port, timeout=timeout)
+    conn.connect()
+    # Never silently reconnect: a request on a dead connection must fail.
+    conn.auto_open = 0
+    return conn, conn.sock.getsockname()[1]
+
+
+def _request_same(conn: http.client.HTTPConnection, local_port: int) -> dict:
+    if conn.sock is None:
+        raise ConnectionError("connection was closed")
+    answer = _get(conn, close=False)
+    if conn.sock is not None and conn.sock.getsockname()[1] != local_port:
+        raise ConnectionError("connection changed")
+    return answer
+
+
+def keepalive(vip: str, port: int, n: int, timeout: float) -> dict:
+    out = {"backends": [], "local_port": None, "error": None}
+    try:
+        conn, out["local_port"] = _open(vip, port, timeout)
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = _err(exc)
+        return out
+    try:
+        for _ in range(n):
+            out["backends"].append(_request_same(conn, out["local_port"])["backend"])
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = _err(exc)
+    finally:
+        conn.close()
+    return out
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def hold(vip: str, port: int, timeout: float) -> int:
+    try:
+        conn, local_port = _open(vip, port, timeout)
+    except Exception as exc:  # noqa: BLE001
+        _emit({"error": _err(exc)})
+        return 1
+    _emit({"event": "connected", "local_port": local_port})
+    try:
+        for _line in sys.stdin:
+            try:
+                answer = _request_same(conn, local_port)
+                _emit({"backend": answer["backend"], "peer": answer.get("peer"), "local_port": local_port})
+            except Exception as exc:  # noqa: BLE001
+                _emit({"error": _err(exc), "local_port": local_port})
+    finally:
+        conn.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd, args = argv[0], argv[1:]
+    try:
+        if cmd == "spread-http":
+            vip, port, count, timeout = args
+            _emit(spread_http(vip, int(port), int(count), float(timeout)))
+        elif cmd == "spread-udp":
+            vip, port, count, timeout = args[:4]
+            first_sport = int(args[4]) if len(args) > 4 else None
+            _emit(spread_udp(vip, int(port), int(count), float(timeout), first_sport))
+        elif cmd == "keepalive":
+            vip, port, n = args[:3]
+            timeout = float(args[3]) if len(args) > 3 else 5.0
+            _emit(keepalive(vip, int(port), int(n), timeout))
+        elif cmd == "hold":
+            vip, port = args[:2]
+            timeout = float(args[2]) if len(args) > 2 else 5.0
+            return hold(vip, int(port), timeout)
+        else:
+            print(f"unknown subcommand {cmd!r}", file=sys.stderr)
+            return 2
+    except ValueError as exc:
+        print(f"bad arguments for {cmd}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
