@@ -315,32 +315,63 @@ def parse(text: str, file: str = "<string>") -> Config:
         raise ConfigError(problems + [Problem(file, 1, "(top)", f"file is {what}; expected a mapping with a 'pools' list")])
 
     config = None
-    bad_pools: set[int] = set()
     try:
         config = Config.model_validate(tree.data)
     except ValidationError as e:
         for err in e.errors(include_url=False):
             loc = _loc(err)
-            if len(loc) > 1 and loc[0] == "pools" and isinstance(loc[1], int):
-                bad_pools.add(loc[1])
             problems.append(Problem(file, tree.line(loc), _field(loc) or "(top)", _message(err)))
     raw_pools = tree.data.get("pools")
     if isinstance(raw_pools, list):
-        pools = []
-        for i, p in enumerate(raw_pools):
-            if i not in bad_pools:
-                try:
-                    pools.append((i, Pool.model_validate(p)))
-                except ValidationError:
-                    pass
-        problems += _cross_check(pools, tree)
+        problems += _cross_check([_Partial.of(p) for p in raw_pools], tree)
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: p.line))
     return config
 
 
-def _cross_check(pools: list[tuple[int, Pool]], tree: _Tree) -> list[Problem]:
-    """Problems that involve more than one field: duplicates and address-family mismatches."""
+@dataclass
+class _Partial:
+    """What can be read of one pool even when other fields of it are wrong (None: unreadable)."""
+
+    name: str | None
+    vip: IPAddress | None
+    port: int | None
+    protocol: str | None
+    mode: str | None
+    backends: list[tuple[int, Backend]]  # (index, backend) for the backends that are valid by themselves
+
+    @classmethod
+    def of(cls, raw: Any) -> "_Partial":
+        if not isinstance(raw, dict):
+            return cls(None, None, None, None, None, [])
+        try:
+            vip = _address(raw.get("vip"), "vip")
+        except ValueError:
+            vip = None
+        port = raw.get("port") if type(raw.get("port")) is int else None
+        backends = []
+        for j, b in enumerate(raw.get("backends") if isinstance(raw.get("backends"), list) else []):
+            try:
+                backend = Backend.model_validate(b)
+            except ValidationError:
+                continue
+            backend.port = backend.port or port
+            backends.append((j, backend))
+        return cls(
+            name=raw.get("name") if isinstance(raw.get("name"), str) else None,
+            vip=vip,
+            port=port,
+            protocol=raw.get("protocol", "tcp") if raw.get("protocol", "tcp") in ("tcp", "udp") else None,
+            mode=raw.get("mode", "dnat") if raw.get("mode", "dnat") in ("dnat", "masquerade") else None,
+            backends=backends,
+        )
+
+
+def _cross_check(pools: list[_Partial], tree: _Tree) -> list[Problem]:
+    """Problems that involve more than one field: duplicates, address families, NAT ambiguity.
+
+    Runs on whatever each pool has that is readable, so they show up next to field errors.
+    """
     out = []
 
     def problem(loc: tuple, message: str):
@@ -349,29 +380,33 @@ def _cross_check(pools: list[tuple[int, Pool]], tree: _Tree) -> list[Problem]:
     names: dict[str, int] = {}
     services: dict[tuple, int] = {}
     modes: dict[tuple, tuple[str, str]] = {}  # (vip, protocol, backend) -> (mode, pool)
-    for i, pool in pools:
-        if pool.name in names:
-            problem(("pools", i, "name"), f"duplicate pool name {pool.name!r} (first on line {names[pool.name]})")
-        else:
-            names[pool.name] = tree.line(("pools", i, "name"))
+    for i, pool in enumerate(pools):
+        if pool.name is not None:
+            if pool.name in names:
+                problem(("pools", i, "name"), f"duplicate pool name {pool.name!r} (first on line {names[pool.name]})")
+            else:
+                names[pool.name] = tree.line(("pools", i, "name"))
         service = (pool.vip, pool.port, pool.protocol)
-        if service in services:
-            problem(
-                ("pools", i, "vip"),
-                f"{_endpoint(pool.vip, pool.port)}/{pool.protocol} is already served by the pool on line {services[service]}",
-            )
-        else:
-            services[service] = tree.line(("pools", i, "vip"))
+        if None not in service:
+            if service in services:
+                problem(("pools", i, "vip"), f"{_endpoint(pool.vip, pool.port)}/{pool.protocol} is already served "
+                        f"by the pool on line {services[service]}")
+            else:
+                services[service] = tree.line(("pools", i, "vip"))
         seen: dict[tuple, int] = {}
-        for j, b in enumerate(pool.backends):
+        for j, b in pool.backends:
             loc = ("pools", i, "backends", j)
-            if b.address.version != pool.vip.version:
-                problem(loc, f"IPv{b.address.version} backend {b.address} in a pool whose vip {pool.vip} is IPv{pool.vip.version}")
-            shared = modes.setdefault((pool.vip, pool.protocol, b.key), (pool.mode, pool.name))
-            if shared[0] != pool.mode:
-                problem(loc, f"backend {_endpoint(b.address, b.port)} also serves pool {shared[1]!r} on the same vip "
-                        f"in {shared[0]} mode; after NAT the gateway cannot tell the two pools' connections apart, "
-                        "so give both pools the same mode or this one a different backend port")
+            if pool.vip is not None and b.address.version != pool.vip.version:
+                problem(loc, f"IPv{b.address.version} backend {b.address} in a pool whose vip {pool.vip} "
+                        f"is IPv{pool.vip.version}")
+            if b.port is None:
+                continue
+            if None not in (pool.vip, pool.protocol, pool.mode):
+                shared = modes.setdefault((pool.vip, pool.protocol, b.key), (pool.mode, pool.name))
+                if shared[0] != pool.mode:
+                    problem(loc, f"backend {_endpoint(b.address, b.port)} also serves pool {shared[1]!r} on the same "
+                            f"vip in {shared[0]} mode; after NAT the gateway cannot tell the two pools' connections "
+                            "apart, so give both pools the same mode or this one a different backend port")
             if b.key in seen:
                 problem(loc, f"backend {_endpoint(b.address, b.port)} is listed twice (first on line {seen[b.key]})")
             else:

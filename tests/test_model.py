@@ -129,6 +129,21 @@ def test_cross_field_problems(write):
     ]
 
 
+def test_cross_field_problems_are_listed_next_to_field_errors(write):
+    found, _ = problems(write, """
+        pools:
+          - {name: web, vip: 198.51.100.300, port: 80, backends: [10.0.0.11:8080]}
+          - name: api
+            vip: 198.51.100.1
+            port: 70000
+            backends: [{address: 10.0.0.1, weight: 0}, "[2001:db8::1]:80"]
+          - {name: web, vip: 198.51.100.2, port: 80, backends: [10.0.0.3]}
+        """)
+    assert [(f[0], f[1]) for f in found] == [
+        (2, "pools[0].vip"), (5, "pools[1].port"), (6, "pools[1].backends[0].weight"),
+        (6, "pools[1].backends[1]"), (7, "pools[2].name")]
+
+
 def test_backend_shared_by_dnat_and_masquerade_pools_on_one_vip_is_refused(write):
     found, _ = problems(write, """
         pools:
