@@ -171,5 +171,8 @@ def make(name: str | None = None) -> Backend:
         raise UsageError(f"unknown backend {name!r}: choose one of {', '.join(NAMES)}")
     try:
         return Libnftables()
-    except KernelError:
-        return NftBinary()
+    except KernelError as no_bindings:
+        try:
+            return NftBinary()
+        except KernelError as no_binary:
+            raise KernelError(f"no way into the kernel: {no_bindings}; and {no_binary}") from None

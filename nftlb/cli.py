@@ -75,6 +75,12 @@ def _out(as_json: bool, doc: dict, text: str) -> None:
         typer.echo(text, nl=not text.endswith("\n"))
 
 
+def _drift(d) -> str:
+    if not d.drift:
+        return ""
+    return f"drift: {d.drift}\n" if "\n" not in d.drift else f"drift (changed outside nftlb):\n{d.drift}"
+
+
 def _kernel(name: Optional[BackendName]) -> backends.Backend:
     return backends.make(name.value if name else None)
 
@@ -122,10 +128,7 @@ def diff(
     """
     _Opts.json = as_json
     want, d = ops.compare(file, _kernel(backend), state_dir)
-    text = ""
-    if d.drift:
-        text += f"drift: {d.drift}\n" if "\n" not in d.drift else f"drift (changed outside nftlb):\n{d.drift}"
-    text += d.changes or ("" if not d.in_sync else f"table inet {want.plan.table} is in sync with {file}\n")
+    text = _drift(d) + (d.changes or ("" if not d.in_sync else f"table inet {want.plan.table} is in sync with {file}\n"))
     _out(as_json, {"table": want.plan.table, **d.as_dict()}, text)
     if not d.in_sync:
         raise typer.Exit(EXIT_DIFFERENT)
@@ -153,23 +156,19 @@ def apply(
     s = r.summary
     if r.action == "in-sync":
         text = f"table inet {s['table']} is in sync with {file}: nothing to do\n"
+    elif r.action == "dry-run":
+        text = (_drift(r.diff) + r.diff.changes
+                + f"dry run: the kernel accepts this change to table inet {s['table']}; nothing was changed\n")
     else:
-        parts = [f"{s['pools']} pools ({s['ipv4']} IPv4, {s['ipv6']} IPv6; {s['tcp']} tcp, {s['udp']} udp)",
-                 f"{s['backends']} backends ({s['draining']} draining)"]
-        changes = [f"{k} {', '.join(v)}" for k, v in
-                   (("added", r.pools_added), ("removed", r.pools_removed), ("changed", r.pools_changed)) if v]
-        text = ""
-        if r.action == "dry-run":
-            if r.diff.drift:
-                text += f"drift: {r.diff.drift}\n" if "\n" not in r.diff.drift else f"drift:\n{r.diff.drift}"
-            text += r.diff.changes
-            text += f"dry run: the kernel accepts this change to table inet {s['table']}; nothing was changed\n"
-        else:
-            text = f"applied table inet {s['table']}: {', '.join(parts)} in {r.seconds:.2f} s\n"
-        if changes:
-            text += "pools " + "; ".join(changes) + "\n"
-        if s["refusing"]:
-            text += f"refusing new connections (no active backend): {', '.join(s['refusing'])}\n"
+        text = (f"applied table inet {s['table']}: {s['pools']} pools ({s['ipv4']} IPv4, {s['ipv6']} IPv6; "
+                f"{s['tcp']} tcp, {s['udp']} udp), {s['backends']} backends ({s['draining']} draining) "
+                f"in {r.seconds:.2f} s\n")
+    changes = [f"{k} {', '.join(v)}" for k, v in
+               (("added", r.pools_added), ("removed", r.pools_removed), ("changed", r.pools_changed)) if v]
+    if changes and r.action != "in-sync":
+        text += "pools " + "; ".join(changes) + "\n"
+    if s["refusing"]:
+        text += f"refusing new connections (no active backend): {', '.join(s['refusing'])}\n"
     _out(as_json, r.as_dict(), text)
 
 
