@@ -47,6 +47,18 @@ def _sweep_stale_namespaces():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _root_namespace_untouched():
+    """Guard: the kernel tests never change the root namespace's ruleset or named namespaces."""
+    if not IS_ROOT:
+        yield
+        return
+    before = labmod._run(["nft", "list", "ruleset"], check=False).stdout
+    yield
+    after = labmod._run(["nft", "list", "ruleset"], check=False).stdout
+    assert after == before, "the root namespace's nftables ruleset changed during the tests"
+
+
 def pytest_sessionfinish(session, exitstatus):
     if IS_ROOT:
         labmod.sweep(labmod.PROCESS_PREFIX)
