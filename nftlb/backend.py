@@ -2,18 +2,17 @@
 
 - `run(script, check=False)`: one nft script as one kernel transaction (or only
   checked by the kernel when `check`); raises KernelError with what nft said.
-- `list_table(table, json=True)`: our table's listing (JSON or nft text), None if absent.
+- `list(what)`: JSON listing of one object, e.g. "table inet nftlb" or
+  "map inet nftlb pool_web_slots"; None if it does not exist.
 
 `Libnftables` (python3-nftables, in-process) and `NftBinary` (`nft` via subprocess,
 argv list, script on stdin, never a shell) both talk to the real kernel. `Fake` keeps
-tables in memory for unit tests of pure code paths.
+tables in memory for unit tests (nftlb.fake).
 """
 
 from __future__ import annotations
 
-import json as jsonlib
 import os
-import re
 import shutil
 import subprocess
 from typing import Protocol
@@ -29,7 +28,7 @@ class Backend(Protocol):
 
     def run(self, script: str, *, check: bool = False) -> None: ...
 
-    def list_table(self, table: str, *, json: bool = True) -> str | None: ...
+    def list(self, what: str) -> str | None: ...
 
 
 def _kernel_error(what: str, stderr: str) -> KernelError:
@@ -68,12 +67,12 @@ class Libnftables:
         if rc != 0:
             raise _kernel_error("nft rejected the ruleset" if not check else "the kernel check failed", err)
 
-    def list_table(self, table: str, *, json: bool = True) -> str | None:
-        rc, out, err = self._cmd(f"list table inet {table}", json=json)
+    def list(self, what: str) -> str | None:
+        rc, out, err = self._cmd(f"list {what}", json=True)
         if rc != 0:
             if _ABSENT in err:
                 return None
-            raise _kernel_error(f"listing table inet {table} failed", err)
+            raise _kernel_error(f"listing {what} failed", err)
         return out
 
 
@@ -107,58 +106,13 @@ class NftBinary:
         if proc.returncode != 0:
             raise _kernel_error("nft rejected the ruleset" if not check else "the kernel check failed", proc.stderr)
 
-    def list_table(self, table: str, *, json: bool = True) -> str | None:
-        proc = self._exec(["-j", "list", "table", "inet", table] if json else ["list", "table", "inet", table])
+    def list(self, what: str) -> str | None:
+        proc = self._exec(["-j", "list", *what.split()])
         if proc.returncode != 0:
             if _ABSENT in proc.stderr:
                 return None
-            raise _kernel_error(f"listing table inet {table} failed", proc.stderr)
+            raise _kernel_error(f"listing {what} failed", proc.stderr)
         return proc.stdout
-
-
-class Fake:
-    """In-memory stand-in: understands only the add/delete/define table idiom nftlb emits."""
-
-    name = "fake"
-
-    def __init__(self):
-        self.tables: dict[str, str] = {}
-        self.scripts: list[tuple[str, bool]] = []
-        self.reject: str | None = None  # set to make the next run() fail like the kernel would
-
-    def run(self, script: str, *, check: bool = False) -> None:
-        self.scripts.append((script, check))
-        if self.reject:
-            message, self.reject = self.reject, None
-            raise KernelError(f"nft rejected the ruleset:\n{message}")
-        if check:
-            return
-        tables = dict(self.tables)
-        body: list[str] | None = None
-        for line in script.splitlines():
-            if body is not None:
-                if line == "}":
-                    tables[name] = "\n".join(body)
-                    body = None
-                else:
-                    body.append(line)
-            elif m := re.fullmatch(r"delete table inet (\S+)", line):
-                if m[1] not in tables:
-                    raise KernelError(f"nft rejected the ruleset:\n{_ABSENT}")
-                del tables[m[1]]
-            elif m := re.fullmatch(r"table inet (\S+) \{(\})?", line):
-                name = m[1]
-                tables.setdefault(name, "")
-                body = None if m[2] else []
-        self.tables = tables
-
-    def list_table(self, table: str, *, json: bool = True) -> str | None:
-        if table not in self.tables:
-            return None
-        if json:
-            return jsonlib.dumps({"nftables": [{"table": {"family": "inet", "name": table, "handle": 1}},
-                                               {"fake": {"body": self.tables[table], "handle": 2}}]})
-        return f"table inet {table} {{\n{self.tables[table]}\n}}\n"
 
 
 def make(name: str | None = None) -> Backend:

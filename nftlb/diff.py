@@ -18,10 +18,26 @@ from nftlb.state import Applied
 _VOLATILE = {"handle", "metainfo"}
 
 
-def normalize(listing: str) -> list:
-    """Comparable form of `nft -j list table`: no handles, no counter values, sorted elements."""
-    doc = json.loads(listing)
-    return [_clean(obj) for obj in doc.get("nftables", []) if "metainfo" not in obj]
+def normalize(listing: str) -> dict[str, dict]:
+    """Comparable form of an `nft -j list` answer: object -> its JSON, with no handles, no
+    counter values, elements sorted, and rules kept in order under their chain.
+
+    Keys are "table", "chain NAME", "map NAME", "set NAME", ...; listing one object gives
+    the same key and value as listing the whole table, so snapshots can be patched per object.
+    """
+    out: dict[str, dict] = {}
+    for obj in json.loads(listing).get("nftables", []):
+        for kind, body in obj.items():
+            if kind == "metainfo":
+                continue
+            body = _clean(body)
+            if kind == "rule":
+                out.setdefault(f"chain {body.get('chain')}", {}).setdefault("rules", []).append(body)
+            elif kind == "table":
+                out["table"] = body
+            else:
+                out.setdefault(f"{kind} {body.get('name')}", {}).update(body)
+    return out
 
 
 def _clean(value):
@@ -51,11 +67,10 @@ class Diff:
         return {"in_sync": self.in_sync, "changes": self.changes, "drift": self.drift}
 
 
-def compare(desired: str, table: str, applied: Applied | None, live: list | None, live_text: str | None,
-            source: str = "file") -> Diff:
+def compare(desired: str, table: str, applied: Applied | None, live: dict | None, source: str = "file") -> Diff:
     """Diff the desired script against what is live in the kernel.
 
-    `live`/`live_text` are the normalized JSON and text listings of our table (None when absent).
+    `live` is the normalized listing of our table, None when it does not exist.
     """
     ours = applied if applied is not None and applied.table == table else None
     to_label = f"{source} (rendered)"
@@ -63,17 +78,29 @@ def compare(desired: str, table: str, applied: Applied | None, live: list | None
         drift = f"table inet {table} was deleted outside nftlb" if ours else None
         return Diff(False, _unified("", desired, f"live: no table inet {table}", to_label), drift)
     if ours is None:
-        drift = (f"table inet {table} exists but the state dir has no record of nftlb applying it; "
-                 "showing nft's own listing of it")
-        return Diff(False, _unified(live_text or "", desired, f"live: table inet {table} (nft list)", to_label), drift)
+        drift = (f"table inet {table} exists but the state dir has no record of nftlb loading it; "
+                 "apply will replace it")
+        return Diff(False, _unified("", desired, f"live: table inet {table}, origin unknown", to_label), drift)
     when = datetime.fromtimestamp(ours.applied_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    base_label = f"live: as applied {when} from {ours.source}"
-    changes = _unified(ours.ruleset, desired, base_label, to_label)
+    changes = _unified(ours.ruleset, desired, f"live: as loaded {when} from {ours.source}", to_label)
     if live != ours.live:
-        drift = _unified(ours.live_text, live_text or "", f"table inet {table} as applied {when}",
-                         f"table inet {table} now") or f"table inet {table} changed outside nftlb"
-        return Diff(False, changes, drift)
+        return Diff(False, changes, drift_report(ours.live, live))
     return Diff(not changes, changes, None)
+
+
+def drift_report(expected: dict, live: dict) -> str:
+    """Which objects of our table differ from what nftlb loaded, and how (as JSON)."""
+    lines = []
+    for key in sorted(set(expected) | set(live)):
+        if key not in live:
+            lines.append(f"{key}: deleted outside nftlb")
+        elif key not in expected:
+            lines.append(f"{key}: added outside nftlb")
+        elif live[key] != expected[key]:
+            lines.append(f"{key}: changed outside nftlb")
+            a, b = (json.dumps(x, indent=1, sort_keys=True).splitlines(True) for x in (expected[key], live[key]))
+            lines += ["  " + line.rstrip("\n") for line in difflib.unified_diff(a, b, "loaded", "live", n=1)]
+    return "\n".join(lines) + "\n"
 
 
 def _unified(a: str, b: str, a_label: str, b_label: str) -> str:

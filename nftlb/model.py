@@ -10,10 +10,20 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nftlb.errors import ConfigError
 
@@ -79,6 +89,7 @@ class Backend(_Model):
     port: StrictInt | None = Field(None, ge=1, le=65535)
     weight: StrictInt = Field(1, ge=1, le=1000)
     state: Literal["active", "drain"] = "active"
+    backup: StrictBool = False  # used only while no primary backend of the pool is up
 
     @model_validator(mode="before")
     @classmethod
@@ -115,6 +126,64 @@ def _parse_short(text: str) -> dict:
     return out
 
 
+_DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m)?")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+
+
+def _duration(v: Any) -> Any:
+    """`500ms`, `2s`, `1m`, or plain seconds -> float seconds in (0, 3600]."""
+    if isinstance(v, bool):
+        raise ValueError("expected a duration such as 500ms, 2s or 1m")
+    if isinstance(v, (int, float)):
+        seconds = float(v)
+    elif isinstance(v, str) and (m := _DURATION.fullmatch(v.strip())):
+        seconds = float(m["n"]) * _UNITS[m["unit"]]
+    else:
+        raise ValueError(f"{v!r} is not a duration: write 500ms, 2s, 1m or a number of seconds")
+    if not 0 < seconds <= 3600:
+        raise ValueError(f"{v!r} is out of range: between 1ms and 1h")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+
+
+class HealthDefaults(_Model):
+    """Top-level `health:`: how every backend is probed unless its pool says otherwise."""
+
+    interval: Duration = 2.0  # between probes of one backend
+    timeout: Duration = 1.0  # TCP connect timeout
+    rise: StrictInt = Field(2, ge=1, le=100)  # consecutive successes before a down backend is up
+    fall: StrictInt = Field(3, ge=1, le=100)  # consecutive failures before an up backend is down
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> "HealthDefaults":
+        if self.timeout > self.interval:
+            raise ValueError(f"timeout ({self.timeout:g}s) must not exceed interval ({self.interval:g}s)")
+        return self
+
+
+class HealthOverride(_Model):
+    """A pool's `health:`: any of the defaults, plus the TCP port to probe."""
+
+    interval: Duration | None = None
+    timeout: Duration | None = None
+    rise: StrictInt | None = Field(None, ge=1, le=100)
+    fall: StrictInt | None = Field(None, ge=1, le=100)
+    port: StrictInt | None = Field(None, ge=1, le=65535)  # default: each backend's own port
+
+
+@dataclass(frozen=True)
+class Health:
+    """The effective probe settings of one pool."""
+
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+    port: int | None
+
+
 class Pool(_Model):
     name: str
     vip: IPAddress
@@ -123,6 +192,19 @@ class Pool(_Model):
     scheduler: Literal["hash", "source-hash", "round-robin", "random"] = "hash"
     mode: Literal["dnat", "masquerade"] = "dnat"
     backends: list[Backend] = Field(min_length=1)
+    health: HealthOverride | Literal[False] | None = None  # `health: off` disables probing
+    on_down: Literal["keep", "reset"] | None = None  # established connections of a down backend
+    when_all_down: Literal["reject", "keep-last"] = "reject"
+
+    @field_validator("health", mode="before")
+    @classmethod
+    def _health_off(cls, v: Any) -> Any:
+        return False if v in (False, "off") else v
+
+    @property
+    def reset_on_down(self) -> bool:
+        """Delete a down backend's conntrack entries? Default: yes for udp, no for tcp."""
+        return self.on_down == "reset" if self.on_down else self.protocol == "udp"
 
     @field_validator("name", mode="before")
     @classmethod
@@ -154,7 +236,19 @@ class Pool(_Model):
 class Config(_Model):
     table: str = DEFAULT_TABLE
     seed: StrictInt = Field(DEFAULT_SEED, ge=0, le=0xFFFFFFFF)
+    health: HealthDefaults = HealthDefaults()
     pools: list[Pool]
+
+    def health_of(self, pool: Pool) -> Health | None:
+        """Probe settings for `pool`, or None when its probing is off."""
+        if pool.health is False:
+            return None
+        o = pool.health or HealthOverride()
+        d = self.health
+        return Health(
+            interval=o.interval or d.interval, timeout=o.timeout or d.timeout,
+            rise=o.rise or d.rise, fall=o.fall or d.fall, port=o.port,
+        )
 
     @field_validator("table", mode="before")
     @classmethod
@@ -324,6 +418,13 @@ def parse(text: str, file: str = "<string>") -> Config:
     raw_pools = tree.data.get("pools")
     if isinstance(raw_pools, list):
         problems += _cross_check([_Partial.of(p) for p in raw_pools], tree)
+    if config is not None:
+        for i, pool in enumerate(config.pools):
+            h = config.health_of(pool)
+            if h is not None and h.timeout > h.interval:
+                loc = ("pools", i, "health")
+                problems.append(Problem(file, tree.line(loc), _field(loc),
+                                        f"timeout ({h.timeout:g}s) must not exceed interval ({h.interval:g}s)"))
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: p.line))
     return config

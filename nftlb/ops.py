@@ -1,17 +1,20 @@
-"""What the commands do: validate -> plan -> render -> compare -> commit, as library calls.
+"""What the commands do, as library calls: validate -> plan -> render -> compare -> commit.
 
-The CLI is a thin skin over these functions; tests and other programs can call them too.
+The CLI and the watcher are thin skins over these functions. Every change to the kernel
+happens under the state-dir lock, in one transaction, and is followed by a record of
+what is now live (applied.json).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
-from nftlb import __version__, diff as difflib_, model, plan as planlib, render, state
+from nftlb import __version__, diff as difflib_, model, plan as planlib, render, state, update
 from nftlb.backend import Backend
-from nftlb.errors import ConfigError, UsageError
+from nftlb.errors import StateError, UsageError
 from nftlb.model import DEFAULT_TABLE
 
 
@@ -21,15 +24,37 @@ class Desired:
     source_text: str
     config: model.Config
     plan: planlib.Plan
+    status: planlib.Status
     script: str
 
 
-def desired(path: str | Path) -> Desired:
-    """Validate and render a pools file; raises ConfigError (exit 2) on any problem."""
+@lru_cache(maxsize=4)
+def _parse(text: str, source: str) -> model.Config:
+    return model.parse(text, source)
+
+
+def status_of(state_dir: Path, applied: state.Applied | None) -> planlib.Status:
+    """What the state dir knows beyond the file: health (watcher), drains (operator), keep-last memory."""
+    health = state.read_doc(state_dir, state.HEALTH) or {}
+    overrides = state.read_doc(state_dir, state.OVERRIDES) or {}
+    down = {tuple(k.split("|", 1)) for k, v in health.get("backends", {}).items() if not v.get("up", True)}
+    last = planlib.Status.from_dict(applied.status).last if applied else {}
+    return planlib.Status(down=frozenset(down), drained=frozenset(map(tuple, overrides.get("drained", []))),
+                          last=last)
+
+
+def _desired(source: str, text: str, status: planlib.Status) -> Desired:
+    config = _parse(text, source)
+    plan = planlib.build(config, status)
+    return Desired(source, text, config, plan, status, render.ruleset(plan))
+
+
+def desired(path: str | Path, state_dir: Path | None = None) -> Desired:
+    """Validate and render a pools file, with the state dir's health and drains when given."""
     text = model.read(path)
-    config = model.parse(text, str(path))
-    plan = planlib.build(config)
-    return Desired(str(path), text, config, plan, render.ruleset(plan))
+    model.parse(text, str(path))  # raise ConfigError before anything reads the state dir
+    status = status_of(state_dir, state.load(state_dir)) if state_dir is not None else planlib.Status()
+    return _desired(str(path), text, status)
 
 
 def summary(plan: planlib.Plan) -> dict:
@@ -43,21 +68,20 @@ def summary(plan: planlib.Plan) -> dict:
         "ipv6": sum(p.family == "ip6" for p in pools),
         "backends": sum(len(p.backends) for p in pools),
         "draining": sum(len(p.draining) for p in pools),
+        "down": sum(len(p.down) for p in pools),
         "refusing": [p.name for p in pools if not p.slots],
     }
 
 
-def _live(nft: Backend, table: str) -> tuple[list | None, str | None]:
-    listing = nft.list_table(table, json=True)
-    if listing is None:
-        return None, None
-    return difflib_.normalize(listing), nft.list_table(table, json=False)
+def snapshot(nft: Backend, table: str) -> dict | None:
+    listing = nft.list(f"table inet {table}")
+    return None if listing is None else difflib_.normalize(listing)
 
 
 def compare(path: str | Path, nft: Backend, state_dir: Path) -> tuple[Desired, difflib_.Diff]:
-    want = desired(path)
-    live, live_text = _live(nft, want.plan.table)
-    return want, difflib_.compare(want.script, want.plan.table, state.load(state_dir), live, live_text, want.source)
+    want = desired(path, state_dir)
+    applied = state.load(state_dir)
+    return want, difflib_.compare(want.script, want.plan.table, applied, snapshot(nft, want.plan.table), want.source)
 
 
 @dataclass
@@ -65,6 +89,7 @@ class Result:
     action: str  # "applied" | "in-sync" | "dry-run"
     diff: difflib_.Diff
     summary: dict
+    transaction: str = ""  # "whole table" | "N pools" | ""
     pools_added: list[str] = field(default_factory=list)
     pools_removed: list[str] = field(default_factory=list)
     pools_changed: list[str] = field(default_factory=list)
@@ -74,6 +99,7 @@ class Result:
         return {
             "action": self.action,
             "summary": self.summary,
+            "transaction": self.transaction,
             "pools_added": self.pools_added,
             "pools_removed": self.pools_removed,
             "pools_changed": self.pools_changed,
@@ -82,40 +108,67 @@ class Result:
         }
 
 
+def _live_plan(applied: state.Applied | None, table: str, seed: int) -> planlib.Plan | None:
+    """The plan behind the live table, when it can be trusted to be exactly that; else None."""
+    if applied is None or applied.table != table or applied.version != __version__:
+        return None
+    try:
+        old = planlib.build(_parse(applied.source_text, applied.source), planlib.Status.from_dict(applied.status))
+    except model.ConfigError:
+        return None
+    if old.seed != seed or render.ruleset(old) != applied.ruleset:
+        return None
+    return old
+
+
+def _transaction(old: planlib.Plan | None, new: planlib.Plan, full: str) -> tuple[str, update.Changes | None]:
+    """The smallest script from `old` (None: unknown) to `new`, and its changes (None: whole table)."""
+    return (full, None) if old is None else update.script(old, new)
+
+
+def _record(nft: Backend, state_dir: Path, want: Desired, live: dict) -> None:
+    state.save(state_dir, state.Applied(
+        table=want.plan.table, applied_at=time.time(), source=want.source, source_text=want.source_text,
+        status=planlib.Status(want.status.down, want.status.drained, want.plan.last_in_use(want.status)).as_dict(),
+        ruleset=want.script, live=live, backend=nft.name, version=__version__,
+    ))
+
+
 def apply(path: str | Path, nft: Backend, state_dir: Path, *, dry_run: bool = False) -> Result:
-    """Bring our table to the state the file asks for, in one kernel transaction.
-
-    Dry run: compute the diff and have the kernel check the transaction; change nothing.
-    """
+    """Bring our table to the state the file asks for (with the health view and drains), in one
+    kernel transaction: only the changed pools when the live table is what nftlb left, else
+    the whole table. Dry run: the diff, and the kernel's check of the transaction; no change."""
     started = time.monotonic()
-    want = desired(path)
+    text = model.read(path)
+    model.parse(text, str(path))
+    state_dir = Path(state_dir)
     if dry_run:
-        return _apply_locked(want, nft, Path(state_dir), dry_run=True, started=started)
+        return _apply(str(path), text, nft, state_dir, dry_run=True, started=started)
     with state.lock(state_dir):
-        return _apply_locked(want, nft, Path(state_dir), dry_run=False, started=started)
+        return _apply(str(path), text, nft, state_dir, dry_run=False, started=started)
 
 
-def _apply_locked(want: Desired, nft: Backend, state_dir: Path, *, dry_run: bool, started: float) -> Result:
-    table = want.plan.table
+def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bool, started: float) -> Result:
     applied = state.load(state_dir)
-    live, live_text = _live(nft, table)
-    d = difflib_.compare(want.script, table, applied, live, live_text, want.source)
+    want = _desired(source, text, status_of(state_dir, applied))
+    table = want.plan.table
+    live = snapshot(nft, table)
+    d = difflib_.compare(want.script, table, applied, live, source)
     result = Result("in-sync", d, summary(want.plan))
-    _pool_changes(result, applied, want.plan)
     if not d.in_sync:
-        script = want.script
-        if applied is not None and applied.table != table and nft.list_table(applied.table) is not None:
+        trusted = applied is not None and live is not None and live == applied.live
+        old = _live_plan(applied, table, want.plan.seed) if trusted else None
+        script, changes = _transaction(old, want.plan, want.script)
+        if applied is not None and applied.table != table and nft.list(f"table inet {applied.table}") is not None:
             script += f"delete table inet {applied.table}\n"  # we moved to a new table name: retire the old one
+        _pool_changes(result, applied, want.plan)
+        result.transaction = "whole table" if changes is None else f"{len(changes.add_pools)} pools"
         if dry_run:
             nft.run(script, check=True)
             result.action = "dry-run"
         else:
             nft.run(script)
-            live, live_text = _live(nft, table)
-            state.save(state_dir, state.Applied(
-                table=table, applied_at=time.time(), source=want.source, source_text=want.source_text,
-                ruleset=want.script, live=live, live_text=live_text, backend=nft.name, version=__version__,
-            ))
+            _record(nft, state_dir, want, snapshot(nft, table) or {})
             result.action = "applied"
     result.seconds = time.monotonic() - started
     return result
@@ -126,14 +179,77 @@ def _pool_changes(result: Result, applied: state.Applied | None, new: planlib.Pl
         result.pools_added = [p.name for p in new.pools]
         return
     try:
-        old = planlib.build(model.parse(applied.source_text, applied.source))
-    except ConfigError:  # written by another nftlb version; the ruleset diff still tells
+        old = planlib.build(_parse(applied.source_text, applied.source), planlib.Status.from_dict(applied.status))
+    except model.ConfigError:  # written by another nftlb version; the ruleset diff still tells
         return
     before = {p.name: p for p in old.pools}
     after = {p.name: p for p in new.pools}
     result.pools_added = [n for n in after if n not in before]
     result.pools_removed = [n for n in before if n not in after]
     result.pools_changed = [n for n in after if n in before and before[n] != after[n]]
+
+
+@dataclass
+class Refresh:
+    changed: list[str]  # pools whose objects were rewritten
+    whole_table: bool
+    plan: planlib.Plan
+
+
+def refresh(nft: Backend, state_dir: Path, *, whole_table: bool = False) -> Refresh:
+    """Re-plan the applied file with the current health view and drains, and commit the difference:
+    one small transaction that rewrites only the affected pools (or the whole table when asked,
+    e.g. after a failed transaction). Must be called with the state lock held."""
+    applied = state.load(state_dir)
+    if applied is None:
+        raise StateError(f"nothing applied yet in {state_dir}: run `nftlb apply FILE` first")
+    want = _desired(applied.source, applied.source_text, status_of(state_dir, applied))
+    old = None if whole_table else _live_plan(applied, want.plan.table, want.plan.seed)
+    if old == want.plan:
+        return Refresh([], False, want.plan)
+    script, changes = _transaction(old, want.plan, want.script)
+    nft.run(script)
+    if changes is None:
+        live = snapshot(nft, want.plan.table) or {}
+        changed = [p.name for p in want.plan.pools]
+    else:
+        live = dict(applied.live)
+        for kind, name in changes.touched:  # patch the record object by object: no full listing
+            live.pop(f"{kind} {name}", None)
+            listing = nft.list(f"{kind} inet {want.plan.table} {name}")
+            if listing is not None:
+                live.update(difflib_.normalize(listing))
+        changed = [p.name for p in changes.add_pools]
+    _record(nft, state_dir, want, live)
+    return Refresh(changed, changes is None, want.plan)
+
+
+def _find_backend(config: model.Config, pool_name: str, backend: str) -> str:
+    """Resolve POOL BACKEND ("addr:port", "[v6]:port" or a bare address) to the backend's display name."""
+    pool = next((p for p in config.pools if p.name == pool_name), None)
+    if pool is None:
+        raise UsageError(f"no pool {pool_name!r} in the applied file (pools: {', '.join(p.name for p in config.pools)})")
+    displays = [planlib.Endpoint(b.address, b.port).display for b in pool.backends]
+    if backend in displays:
+        return backend
+    by_address = [d for d, b in zip(displays, pool.backends) if str(b.address) == backend.strip("[]")]
+    if len(by_address) == 1:
+        return by_address[0]
+    raise UsageError(f"pool {pool_name} has no single backend {backend!r} (backends: {', '.join(displays)})")
+
+
+def set_drain(nft: Backend, state_dir: Path, pool: str, backend: str, drained: bool) -> tuple[str, Refresh]:
+    """Operator override: drain (no new connections, whatever its health) or enable again."""
+    with state.lock(state_dir):
+        applied = state.load(state_dir)
+        if applied is None:
+            raise StateError(f"nothing applied yet in {state_dir}: run `nftlb apply FILE` first")
+        name = _find_backend(_parse(applied.source_text, applied.source), pool, backend)
+        overrides = state.read_doc(state_dir, state.OVERRIDES) or {}
+        current = {tuple(x) for x in overrides.get("drained", [])}
+        current = current | {(pool, name)} if drained else current - {(pool, name)}
+        state.write_doc(state_dir, state.OVERRIDES, {"drained": sorted(map(list, current))})
+        return name, refresh(nft, state_dir)
 
 
 def remove(nft: Backend, state_dir: Path, table: str | None = None) -> str | None:
@@ -143,7 +259,7 @@ def remove(nft: Backend, state_dir: Path, table: str | None = None) -> str | Non
     with state.lock(state_dir):
         applied = state.load(state_dir)
         name = table or (applied.table if applied else DEFAULT_TABLE)
-        existed = nft.list_table(name) is not None
+        existed = nft.list(f"table inet {name}") is not None
         if existed:
             nft.run(f"delete table inet {name}\n")
         if applied is not None and applied.table == name:

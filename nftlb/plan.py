@@ -1,11 +1,12 @@
-"""Desired state, pure: from a validated Config to names, slot tables and element lists.
+"""Desired state, pure: from a validated Config (and what is known of backends) to
+names, slot tables and element lists.
 
 Nothing here touches the kernel or the file system.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import reduce
 from math import gcd
 
@@ -26,6 +27,25 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Status:
+    """What is known of backends beyond the file. Keys are (pool name, "addr:port")."""
+
+    down: frozenset[tuple[str, str]] = frozenset()  # the health watcher says down
+    drained: frozenset[tuple[str, str]] = frozenset()  # operator overrides (`nftlb drain`)
+    last: dict[str, tuple[str, ...]] = field(default_factory=dict)  # pool -> backends last in use (keep-last)
+
+    def as_dict(self) -> dict:
+        return {"down": sorted(map(list, self.down)), "drained": sorted(map(list, self.drained)),
+                "last": {k: list(v) for k, v in sorted(self.last.items())}}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "Status":
+        return cls(down=frozenset(map(tuple, doc.get("down", ()))),
+                   drained=frozenset(map(tuple, doc.get("drained", ()))),
+                   last={k: tuple(v) for k, v in doc.get("last", {}).items()})
+
+
+@dataclass(frozen=True)
 class PoolPlan:
     name: str
     family: str  # "ip" | "ip6": the nft keyword for the address family
@@ -35,8 +55,11 @@ class PoolPlan:
     scheduler: str
     mode: str
     backends: tuple[Endpoint, ...]  # every configured backend, canonical order
-    draining: tuple[Endpoint, ...]  # configured but taking no new connections
+    backups: tuple[Endpoint, ...]  # configured as backup: used only while no primary is usable
+    draining: tuple[Endpoint, ...]  # drained in the file or by the operator: no new connections
+    down: tuple[Endpoint, ...]  # the health watcher says down
     slots: tuple[Endpoint, ...]  # slot i of the pool's map -> backend; weights repeat a backend
+    fallback: str = ""  # "" | "backups" (no primary usable) | "keep-last" (nothing usable, set kept)
 
     @property
     def chain(self) -> str:
@@ -72,14 +95,45 @@ class Plan:
     def masquerading(self, family: str) -> list[tuple[PoolPlan, Endpoint]]:
         return [(p, b) for p in self.pools if p.family == family and p.mode == "masquerade" for b in p.backends]
 
+    def pool(self, name: str) -> PoolPlan | None:
+        return next((p for p in self.pools if p.name == name), None)
 
-def build(config: Config) -> Plan:
-    return Plan(table=config.table, seed=config.seed, pools=tuple(_pool(p) for p in config.pools))
+    def last_in_use(self, before: Status) -> dict[str, tuple[str, ...]]:
+        """keep-last memory after this plan is committed: each pool's backends in use."""
+        last = {}
+        for p in self.pools:
+            if p.slots and p.fallback != "keep-last":
+                last[p.name] = tuple(b.display for b in p.active)
+            elif p.name in before.last:
+                last[p.name] = before.last[p.name]
+        return last
 
 
-def _pool(pool: Pool) -> PoolPlan:
+def build(config: Config, status: Status = Status()) -> Plan:
+    return Plan(table=config.table, seed=config.seed, pools=tuple(_pool(p, status) for p in config.pools))
+
+
+def _pool(pool: Pool, status: Status) -> PoolPlan:
     ordered = sorted(pool.backends, key=lambda b: b.key)  # file order never changes the hash mapping
-    active = [(Endpoint(b.address, b.port), b.weight) for b in ordered if b.state == "active"]
+    ep = {id(b): Endpoint(b.address, b.port) for b in ordered}
+    drained = {id(b) for b in ordered if b.state == "drain" or (pool.name, ep[id(b)].display) in status.drained}
+    down = {id(b) for b in ordered if (pool.name, ep[id(b)].display) in status.down}
+
+    def usable(group):
+        return [b for b in group if id(b) not in drained and id(b) not in down]
+
+    primaries = [b for b in ordered if not b.backup]
+    backups = [b for b in ordered if b.backup]
+    chosen, fallback = usable(primaries), ""
+    if not chosen and usable(backups):
+        chosen, fallback = usable(backups), "backups"
+    if not chosen and pool.when_all_down == "keep-last":
+        candidates = [b for b in ordered if id(b) not in drained]  # the operator's drain always wins
+        last = set(status.last.get(pool.name, ()))
+        chosen = [b for b in candidates if ep[id(b)].display in last] or (
+            [b for b in candidates if not b.backup] or candidates  # nothing remembered: fail open
+        )
+        fallback = "keep-last" if chosen else ""
     return PoolPlan(
         name=pool.name,
         family=pool.family,
@@ -88,9 +142,12 @@ def _pool(pool: Pool) -> PoolPlan:
         protocol=pool.protocol,
         scheduler=pool.scheduler,
         mode=pool.mode,
-        backends=tuple(Endpoint(b.address, b.port) for b in ordered),
-        draining=tuple(Endpoint(b.address, b.port) for b in ordered if b.state == "drain"),
-        slots=slot_table(active),
+        backends=tuple(ep[id(b)] for b in ordered),
+        backups=tuple(ep[id(b)] for b in backups),
+        draining=tuple(ep[id(b)] for b in ordered if id(b) in drained),
+        down=tuple(ep[id(b)] for b in ordered if id(b) in down),
+        slots=slot_table([(ep[id(b)], b.weight) for b in chosen]),
+        fallback=fallback,
     )
 
 

@@ -42,6 +42,7 @@ def environment(directory: str | None = None) -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
         autoescape=False,
+        extensions=["jinja2.ext.do"],
     )
     env.filters["ident"] = _ident
     env.globals["raise"] = _raise
@@ -51,3 +52,13 @@ def environment(directory: str | None = None) -> jinja2.Environment:
 def ruleset(plan: Plan) -> str:
     """The complete nft script: replaces table inet <plan.table> in one transaction."""
     return environment().get_template("ruleset.nft.j2").render(plan=plan)
+
+
+def macros():
+    """The template macros, callable from Python (element spellings for update transactions)."""
+    return environment().get_template("macros.nft.j2").module
+
+
+def update(table: str, seed: int, changes) -> str:
+    """A small transaction applying `changes` (nftlb.update.Changes) to the live table."""
+    return environment().get_template("update.nft.j2").render(table=table, seed=seed, changes=changes)

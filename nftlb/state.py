@@ -1,9 +1,12 @@
-"""The state dir: what nftlb last applied, written atomically, and the lock that serialises writers.
+"""The state dir: what nftlb last loaded, the health view, operator overrides, and locks.
 
-Layout (dir 0700, files 0600):
-  applied.json   the last applied generation: source file text, rendered ruleset,
-                 and the kernel's listing of our table right after the commit
-  lock           flock()ed by every command that changes the kernel or the state
+Layout (dir 0700, files 0600, every file written atomically):
+  applied.json    the generation in the kernel: source file text, the status it was built
+                  with, the rendered ruleset, and the normalized listing of our table
+  health.json     the watcher's view: per backend up/down, streaks, since, last probe
+  overrides.json  operator drains (`nftlb drain`), kept across restarts and re-applies
+  lock            flock()ed around every change to the kernel or to these files
+  watch.lock      held by the one running watcher
 """
 
 from __future__ import annotations
@@ -22,18 +25,20 @@ from nftlb.errors import StateError
 
 DEFAULT_DIR = "/var/lib/nftlb"
 APPLIED = "applied.json"
+HEALTH = "health.json"
+OVERRIDES = "overrides.json"
 FORMAT = 1
 
 
 @dataclass
 class Applied:
     table: str
-    applied_at: float  # unix time
+    applied_at: float  # unix time of the last change nftlb made to the table
     source: str  # path of the pools file as given
     source_text: str
-    ruleset: str  # the script nftlb loaded
-    live: list  # normalized JSON listing of the table right after the commit
-    live_text: str  # nft's text listing right after the commit
+    status: dict  # nftlb.plan.Status.as_dict() the live plan was built with
+    ruleset: str  # the whole-table script of the live plan
+    live: dict  # normalized JSON listing of the table as nftlb left it
     backend: str
     version: str
 
@@ -69,58 +74,87 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise StateError(f"cannot write {path}: {e.strerror}") from None
 
 
-def load(state_dir: Path) -> Applied | None:
-    path = Path(state_dir) / APPLIED
+def read_doc(state_dir: Path, name: str) -> dict | None:
+    """One state file's payload, None when absent; StateError when unreadable or foreign."""
+    path = Path(state_dir) / name
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise StateError(f"cannot read {path}: {e}; move it aside to start over") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("data"), dict):
         raise StateError(f"{path} is not a state file this nftlb understands (format {FORMAT})")
+    return doc["data"]
+
+
+def write_doc(state_dir: Path, name: str, data: dict) -> None:
+    write_atomic(Path(state_dir) / name, json.dumps({"format": FORMAT, "data": data}, indent=1).encode())
+
+
+def remove_doc(state_dir: Path, name: str) -> None:
     try:
-        return Applied(**doc["applied"])
-    except (KeyError, TypeError) as e:
-        raise StateError(f"{path} is incomplete ({e}); move it aside to start over") from None
-
-
-def save(state_dir: Path, applied: Applied) -> None:
-    doc = {"format": FORMAT, "applied": asdict(applied)}
-    write_atomic(Path(state_dir) / APPLIED, json.dumps(doc, indent=1).encode())
-
-
-def clear(state_dir: Path) -> None:
-    try:
-        os.unlink(Path(state_dir) / APPLIED)
+        os.unlink(Path(state_dir) / name)
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise StateError(f"cannot remove {Path(state_dir) / APPLIED}: {e.strerror}") from None
+        raise StateError(f"cannot remove {Path(state_dir) / name}: {e.strerror}") from None
+
+
+def load(state_dir: Path) -> Applied | None:
+    data = read_doc(state_dir, APPLIED)
+    if data is None:
+        return None
+    try:
+        return Applied(**data)
+    except TypeError as e:
+        raise StateError(f"{Path(state_dir) / APPLIED} is incomplete ({e}); move it aside to start over") from None
+
+
+def save(state_dir: Path, applied: Applied) -> None:
+    write_doc(state_dir, APPLIED, asdict(applied))
+
+
+def clear(state_dir: Path) -> None:
+    remove_doc(state_dir, APPLIED)
+
+
+def _flock(path: Path, timeout: float, busy: str) -> int:
+    _ensure_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise StateError(f"cannot open {path}: {e.strerror}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise StateError(f"cannot lock {path}: {e.strerror}") from None
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise StateError(busy) from None
+            time.sleep(0.05)  # flock has no timed wait; poll the lock itself
 
 
 @contextmanager
 def lock(state_dir: Path, timeout: float = 30.0):
     """Exclusive lock on the state dir; waits up to `timeout` seconds for another nftlb to finish."""
-    state_dir = Path(state_dir)
-    _ensure_dir(state_dir)
-    path = state_dir / "lock"
+    path = Path(state_dir) / "lock"
+    fd = _flock(path, timeout, f"another nftlb holds {path} (waited {timeout:.0f} s)")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as e:
-        raise StateError(f"cannot open {path}: {e.strerror}") from None
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise StateError(f"cannot lock {path}: {e.strerror}") from None
-                if time.monotonic() > deadline:
-                    raise StateError(f"another nftlb holds {path} (waited {timeout:.0f} s)") from None
-                time.sleep(0.05)  # flock has no timed wait; poll the lock itself
         yield
     finally:
         os.close(fd)
+
+
+def watch_lock(state_dir: Path) -> int:
+    """Held for a watcher's lifetime (the fd); refuses a second watcher at once."""
+    path = Path(state_dir) / "watch.lock"
+    fd = _flock(path, 0, f"another nftlb watch is running on {state_dir} (holds {path})")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

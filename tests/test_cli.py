@@ -5,6 +5,7 @@ import json
 import pytest
 
 from nftlb import backend, cli, state
+from nftlb.fake import Fake
 
 from conftest import ROOT
 
@@ -13,7 +14,7 @@ WEB = ROOT / "rules" / "web.yaml"
 
 @pytest.fixture
 def kernel(monkeypatch):
-    fake = backend.Fake()
+    fake = Fake()
     monkeypatch.setattr(backend, "make", lambda name=None: fake)
     return fake
 
@@ -88,9 +89,9 @@ def test_diff_apply_in_sync_cycle(run, kernel, tmp_path):
 
 def test_drift_is_reported_and_repaired(run, kernel):
     assert run("apply", WEB)[0] == 0
-    kernel.tables["nftlb"] += "\n\tchain sneaky {\n\t}"
+    kernel.tables["nftlb"]["chain sneaky"] = {"decl": [], "rules": []}
     code, out, _ = run("diff", WEB)
-    assert code == 1 and "drift" in out and "+\tchain sneaky" in out
+    assert code == 1 and "drift" in out and "chain sneaky: added outside nftlb" in out
     assert run("apply", WEB)[0] == 0
     assert run("diff", WEB)[0] == 0
 
@@ -119,7 +120,7 @@ def test_apply_json_summary(run, kernel):
     assert code == 0 and doc["action"] == "applied"
     assert doc["summary"] | {"refusing": []} == {
         "table": "nftlb", "pools": 3, "tcp": 3, "udp": 0, "ipv4": 1, "ipv6": 2,
-        "backends": 6, "draining": 0, "refusing": []}
+        "backends": 6, "draining": 0, "down": 0, "refusing": []}
 
 
 def test_renamed_table_retires_the_old_one_in_the_same_transaction(run, kernel, write):
@@ -130,7 +131,7 @@ def test_renamed_table_retires_the_old_one_in_the_same_transaction(run, kernel, 
 
 
 def test_remove_deletes_only_our_table(run, kernel):
-    kernel.tables["foreign"] = "\tchain keep {\n\t}"
+    kernel.tables["foreign"] = {"chain keep": {"decl": [], "rules": []}}
     assert run("apply", WEB)[0] == 0
     code, out, _ = run("remove")
     assert code == 0 and out == "deleted table inet nftlb\n"

@@ -230,3 +230,60 @@ def test_merge_keys_are_understood(write):
           - {<<: *base, name: b, port: 81}
         """))
     assert [(p.name, p.port, str(p.vip)) for p in c.pools] == [("a", 80, "198.51.100.1"), ("b", 81, "198.51.100.1")]
+
+
+HEALTHY = """
+health: {interval: 500ms, timeout: 0.2, rise: 1, fall: 2}
+pools:
+  - name: web
+    vip: 198.51.100.1
+    port: 80
+    health: {port: 8081, interval: 1m, timeout: 2s}
+    when_all_down: keep-last
+    backends: [10.0.0.1, {address: 10.0.0.2, backup: true}]
+  - {name: dns, vip: 198.51.100.1, port: 53, protocol: udp, health: off, backends: [10.0.0.1]}
+  - {name: dflt, vip: 198.51.100.2, port: 53, protocol: udp, on_down: keep, backends: [10.0.0.1]}
+"""
+
+
+def test_health_settings_merge_pool_over_defaults(write):
+    c = model.load(write(HEALTHY))
+    web, dns, dflt = c.pools
+    assert c.health_of(web) == model.Health(interval=60.0, timeout=2.0, rise=1, fall=2, port=8081)
+    assert c.health_of(dns) is None
+    assert c.health_of(dflt) == model.Health(interval=0.5, timeout=0.2, rise=1, fall=2, port=None)
+    assert web.when_all_down == "keep-last" and dns.when_all_down == "reject"
+    assert [b.backup for b in web.backends] == [False, True]
+    assert (web.reset_on_down, dns.reset_on_down, dflt.reset_on_down) == (False, True, False)
+
+
+def test_health_defaults(write):
+    c = model.load(write("pools: [{name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}]\n"))
+    assert c.health_of(c.pools[0]) == model.Health(interval=2.0, timeout=1.0, rise=2, fall=3, port=None)
+
+
+def test_bad_health_settings(write):
+    found, _ = problems(write, """
+        health: {interval: 2 weeks, timeout: 3s, rise: 0}
+        pools:
+          - name: a
+            vip: 198.51.100.1
+            port: 80
+            health: {interval: 100ms}
+            on_down: explode
+            when_all_down: panic
+            backends: [{address: 10.0.0.1, backup: maybe}]
+        """)
+    assert [f[:2] for f in found] == [
+        (1, "health.interval"), (1, "health.rise"), (7, "pools[0].on_down"),
+        (8, "pools[0].when_all_down"), (9, "pools[0].backends[0].backup")]
+    assert "'2 weeks' is not a duration" in found[0][2]
+    found, _ = problems(write, """
+        pools:
+          - name: a
+            vip: 198.51.100.1
+            port: 80
+            health: {interval: 100ms}
+            backends: [10.0.0.1]
+        """)
+    assert found == [(5, "pools[0].health", "timeout (1s) must not exceed interval (0.1s)")]

@@ -58,7 +58,7 @@ pools:
     assert "meta l4proto tcp dnat ip to numgen random mod 2 map @pool_n_slots" in text
     assert "meta l4proto tcp dnat ip6 to [fd00::1]:8080\n" in text
     assert "pool_one_slots" not in text
-    assert "refuse" not in text
+    assert "set refuse4 {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t}" in text  # nothing refused
 
 
 def test_all_drained_pool_is_refused_not_blackholed():

@@ -1,0 +1,138 @@
+"""An in-memory stand-in for the kernel, for unit tests.
+
+It understands exactly the statements nftlb emits (the whole-table script and the
+small update transactions), keeps tables as objects with elements and rules, and
+is all-or-nothing per `run()` like a kernel transaction. Errors where the kernel
+would refuse: deleting what does not exist, adding an element that does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+from nftlb.errors import KernelError
+
+_ABSENT = "No such file or directory"
+
+
+class Fake:
+    name = "fake"
+
+    def __init__(self):
+        self.tables: dict[str, dict[str, dict]] = {}  # table -> "kind name" -> {"decl", "elements" | "rules"}
+        self.scripts: list[tuple[str, bool]] = []
+        self.reject: str | None = None  # set to make the next run() fail like the kernel would
+
+    def run(self, script: str, *, check: bool = False) -> None:
+        self.scripts.append((script, check))
+        if self.reject:
+            message, self.reject = self.reject, None
+            raise KernelError(f"nft rejected the ruleset:\n{message}")
+        tables = copy.deepcopy(self.tables)
+        try:
+            _Interpreter(tables).run(script)
+        except _Refused as e:
+            raise KernelError(f"nft rejected the ruleset:\nError: {e}") from None
+        if not check:
+            self.tables = tables
+
+    def list(self, what: str) -> str | None:
+        kind, _family, table, *name = what.split()
+        objects = self.tables.get(table)
+        if objects is None or (name and f"{kind} {name[0]}" not in objects):
+            return None
+        keys = [f"{kind} {name[0]}"] if name else list(objects)
+        out = [{"metainfo": {"version": "fake"}}]
+        if not name:
+            out.append({"table": {"family": "inet", "name": table, "handle": 1}})
+        for key in keys:
+            k, n = key.split(" ", 1)
+            obj = objects[key]
+            if k == "chain":
+                out.append({"chain": {"name": n, "table": table, "decl": obj["decl"], "handle": 2}})
+                out += [{"rule": {"chain": n, "table": table, "text": r, "handle": 3}} for r in obj["rules"]]
+            else:
+                out.append({k: {"name": n, "table": table, "decl": obj["decl"], "elem": sorted(obj["elements"])}})
+        return json.dumps({"nftables": out})
+
+
+class _Refused(Exception):
+    pass
+
+
+class _Interpreter:
+    def __init__(self, tables: dict):
+        self.tables = tables
+
+    def _table(self, name: str) -> dict:
+        if name not in self.tables:
+            raise _Refused(f"{_ABSENT}: table inet {name}")
+        return self.tables[name]
+
+    def _object(self, table: str, key: str) -> dict:
+        objects = self._table(table)
+        if key not in objects:
+            raise _Refused(f"{_ABSENT}: {key}")
+        return objects[key]
+
+    def run(self, script: str) -> None:
+        lines = [line for line in script.splitlines() if line.strip() and not line.strip().startswith("#")]
+        i = 0
+        while i < len(lines):
+            line = lines[i]
+            if m := re.fullmatch(r"table inet (\S+) \{\}", line):
+                self.tables.setdefault(m[1], {})
+            elif m := re.fullmatch(r"table inet (\S+) \{", line):
+                end = lines.index("}", i)
+                self._block(self.tables.setdefault(m[1], {}), lines[i + 1:end])
+                i = end
+            elif m := re.fullmatch(r"delete table inet (\S+)", line):
+                self._table(m[1])
+                del self.tables[m[1]]
+            elif m := re.fullmatch(r"(add|delete) element inet (\S+) (\S+) \{ (.*) \}", line):
+                obj = self._object(m[2], f"{'map' if m[3].startswith('services') else 'set'} {m[3]}")
+                for item in (x.strip() for x in m[4].split(",")):
+                    match = [e for e in obj["elements"] if e == item or e.startswith(item + " : ")]
+                    key = item.split(" : ")[0]
+                    if m[1] == "delete":
+                        if not match:
+                            raise _Refused(f"{_ABSENT}: element {item}")
+                        obj["elements"].remove(match[0])
+                    elif any(e == key or e.startswith(key + " : ") for e in obj["elements"]):
+                        raise _Refused(f"File exists: element {item}")
+                    else:
+                        obj["elements"].append(item)
+            elif m := re.fullmatch(r"flush chain inet (\S+) (\S+)", line):
+                self._object(m[1], f"chain {m[2]}")["rules"] = []
+            elif m := re.fullmatch(r"delete (map|set|chain) inet (\S+) (\S+)", line):
+                self._object(m[2], f"{m[1]} {m[3]}")
+                del self.tables[m[2]][f"{m[1]} {m[3]}"]
+            else:
+                raise _Refused(f"fake kernel does not understand: {line}")
+            i += 1
+
+    def _block(self, objects: dict, lines: list[str]) -> None:
+        """Objects of a `table inet T { ... }` block: added, or merged into existing ones like nft does."""
+        i = 0
+        while i < len(lines):
+            m = re.fullmatch(r"\t(map|set|chain) (\S+) \{", lines[i])
+            if not m:
+                raise _Refused(f"fake kernel does not understand: {lines[i]}")
+            end = lines.index("\t}", i)
+            key = f"{m[1]} {m[2]}"
+            body = [line.strip() for line in lines[i + 1:end]]
+            obj = objects.setdefault(key, {"decl": [], "rules" if m[1] == "chain" else "elements": []})
+            if m[1] == "chain":
+                decl = [line for line in body if line.startswith("type ")]
+                obj["decl"] = decl or obj["decl"]
+                obj["rules"] += [line for line in body if not line.startswith("type ")]
+            else:
+                text = " ".join(body)
+                decl, _, elements = text.partition("elements = {")
+                obj["decl"] = decl.split() or obj["decl"]
+                for item in (x.strip() for x in elements.rstrip(" }").split(",") if elements):
+                    if item and item not in obj["elements"]:
+                        obj["elements"].append(item)
+            i = end + 1
