@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from enum import Enum
@@ -15,8 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from nftlb import __version__, backend as backends, model, ops, plan as planlib, render, state
-from nftlb.errors import EXIT_DIFFERENT, EXIT_SYSTEM, ConfigError, NftlbError
+from nftlb import __version__, backend as backends, model, ops, plan as planlib, state, units, watch as watcher
+from nftlb.errors import EXIT_DIFFERENT, EXIT_SYSTEM, ConfigError, NftlbError, UsageError
 
 app = typer.Typer(
     name="nftlb",
@@ -191,6 +192,121 @@ def remove(
     removed = ops.remove(_kernel(backend), state_dir, table)
     _out(as_json, {"removed": removed},
          f"deleted table inet {removed}\n" if removed else "no nftlb table present: nothing to do\n")
+
+
+@app.command()
+def watch(
+    file: FileArg,
+    once: Annotated[bool, typer.Option("--once", help="One probe round, for cron or a systemd timer.")] = False,
+    backend: BackendOpt = None,
+    state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=10000,
+                                             help="Probes in flight at once.")] = 256,
+) -> None:
+    """Probe every backend over TCP; take dead ones out and bring them back, one small
+    transaction per change. Applies FILE first; SIGHUP re-applies it; SIGTERM stops.
+
+    \b
+    Examples:
+      nftlb watch /etc/nftlb/pools.yaml
+      nftlb watch /etc/nftlb/pools.yaml --once     # from cron
+    """
+    _logging()
+    nft = _kernel(backend)
+    if once:
+        if not watcher.once(file, nft, state_dir, concurrency=concurrency):
+            raise typer.Exit(EXIT_SYSTEM)
+        return
+    raise typer.Exit(watcher.serve(file, nft, state_dir, concurrency=concurrency))
+
+
+PoolArg = Annotated[str, typer.Argument(help="Pool name.", metavar="POOL")]
+BackendArg = Annotated[str, typer.Argument(help="Backend: ADDR:PORT, [V6]:PORT, or ADDR if unique in the pool.",
+                                           metavar="BACKEND")]
+
+
+def _override(pool: str, backend_: str, drained: bool, backend: Optional[BackendName], state_dir: Path,
+              as_json: bool) -> None:
+    _Opts.json = as_json
+    name, r = ops.set_drain(_kernel(backend), state_dir, pool, backend_, drained)
+    p = r.plan.pool(pool)
+    verb = "drained" if drained else "enabled"
+    _out(as_json, {"pool": pool, "backend": name, "drained": drained, "committed": bool(r.changed),
+                   "active": [b.display for b in p.active]},
+         f"pool {pool} backend {name} {verb}; taking new connections: "
+         f"{', '.join(b.display for b in p.active) or 'none (refusing)'}\n")
+
+
+@app.command()
+def drain(pool: PoolArg, backend_: BackendArg, backend: BackendOpt = None,
+          state_dir: StateDirOpt = Path(state.DEFAULT_DIR), as_json: JsonOpt = False) -> None:
+    """Stop sending new connections to a backend, whatever its health; established ones
+    continue. Survives watcher restarts and re-applies until `nftlb enable`.
+
+    \b
+    Example:
+      nftlb drain web 10.0.0.11:8080
+    """
+    _override(pool, backend_, True, backend, state_dir, as_json)
+
+
+@app.command()
+def enable(pool: PoolArg, backend_: BackendArg, backend: BackendOpt = None,
+           state_dir: StateDirOpt = Path(state.DEFAULT_DIR), as_json: JsonOpt = False) -> None:
+    """Undo `nftlb drain`: the backend takes new connections again when the file and its
+    health allow.
+
+    \b
+    Example:
+      nftlb enable web 10.0.0.11:8080
+    """
+    _override(pool, backend_, False, backend, state_dir, as_json)
+
+
+@app.command()
+def systemd(
+    file: FileArg,
+    install: Annotated[bool, typer.Option("--install", help="Write the units into --unit-dir.")] = False,
+    unit_dir: Annotated[Path, typer.Option("--unit-dir", help="Where --install writes.")] = Path("/etc/systemd/system"),
+    every: Annotated[str, typer.Option("--every", help="Timer period for the --once alternative.")] = "10s",
+    state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+) -> None:
+    """Print (or --install) a service unit for `nftlb watch` and a timer alternative for --once.
+
+    \b
+    Example:
+      nftlb systemd /etc/nftlb/pools.yaml --install
+      systemctl daemon-reload && systemctl enable --now nftlb-watch.service
+    """
+    model.load(file)
+    try:
+        period = model._duration(every)
+    except ValueError as e:
+        raise UsageError(f"--every: {e}") from None
+    rendered = units.render_units(file, state_dir, every=f"{period:g}s")
+    if not install:
+        typer.echo("\n".join(f"### {name}\n{text}" for name, text in rendered.items()), nl=False)
+        return
+    for path in units.install(rendered, unit_dir):
+        typer.echo(f"wrote {path}")
+    typer.echo("next: systemctl daemon-reload && systemctl enable --now nftlb-watch.service\n"
+               "  (or, instead, the timer: systemctl enable --now nftlb-watch-once.timer)")
+
+
+def _logging() -> None:
+    """One line per event on stderr: journald adds time and unit; the level leads when it matters."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname_)s%(message)s"))
+    handler.addFilter(_level_prefix)
+    logger = logging.getLogger("nftlb")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _level_prefix(record: logging.LogRecord) -> bool:
+    record.levelname_ = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+    return True
 
 
 def _report(e: NftlbError) -> None:

@@ -29,6 +29,13 @@ def _ident(value: object) -> str:
     return value
 
 
+def systemd_quote(word: str) -> str:
+    """One word on a systemd command line (systemd.syntax): double quotes when needed."""
+    if word and not re.search(r'[\s"\'\\$%;]', word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%") + '"'
+
+
 def _raise(message: str):
     raise ValueError(message)
 
@@ -45,6 +52,7 @@ def environment(directory: str | None = None) -> jinja2.Environment:
         extensions=["jinja2.ext.do"],
     )
     env.filters["ident"] = _ident
+    env.filters["q"] = systemd_quote
     env.globals["raise"] = _raise
     return env
 

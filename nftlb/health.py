@@ -1,0 +1,114 @@
+"""Backend health: the rise/fall state machine (pure) and the TCP connect probe.
+
+A backend starts up. `fall` consecutive failed probes take it down; `rise` consecutive
+successes bring it back. Streaks are capped at rise/fall, so a steady backend's record
+does not change from round to round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from typing import Awaitable, Callable
+
+from nftlb import model, plan as planlib
+
+
+@dataclass(frozen=True)
+class Target:
+    pool: str
+    backend: str  # display form, "10.0.0.11:8080" / "[2001:db8::1]:80"
+    address: str
+    port: int  # the port probed: the pool's health port, else the backend's
+    health: model.Health
+
+    @property
+    def key(self) -> str:
+        return f"{self.pool}|{self.backend}"
+
+
+def targets(config: model.Config) -> list[Target]:
+    out = []
+    for pool in config.pools:
+        h = config.health_of(pool)
+        if h is None:
+            continue
+        for b in pool.backends:
+            display = planlib.Endpoint(b.address, b.port).display
+            out.append(Target(pool.name, display, str(b.address), h.port or b.port, h))
+    return out
+
+
+@dataclass
+class Record:
+    up: bool = True
+    ok: int = 0  # consecutive successes, capped at rise
+    failed: int = 0  # consecutive failures, capped at fall
+    since: float = 0.0  # unix time of the last up/down change (0: never changed)
+    error: str = ""  # why the last failed probe failed
+    latency: float | None = None  # seconds, of the last successful connect
+    checked: float | None = None  # unix time of the last probe
+
+
+@dataclass(frozen=True)
+class Transition:
+    target: Target
+    up: bool
+    streak: int
+    reason: str
+
+    def __str__(self) -> str:
+        t = self.target
+        if self.up:
+            return f"pool {t.pool} backend {t.backend} up after {self.streak} successes"
+        return f"pool {t.pool} backend {t.backend} down after {self.streak} failures: {self.reason}"
+
+
+def observe(record: Record, target: Target, ok: bool, detail: str, latency: float | None,
+            now: float) -> Transition | None:
+    """Fold one probe result into `record`; return the transition it causes, if any."""
+    h = target.health
+    record.checked = now
+    if ok:
+        record.ok, record.failed, record.latency = min(record.ok + 1, h.rise), 0, latency
+        if not record.up and record.ok >= h.rise:
+            record.up, record.since = True, now
+            return Transition(target, True, record.ok, "")
+    else:
+        record.failed, record.ok, record.error = min(record.failed + 1, h.fall), 0, detail
+        if record.up and record.failed >= h.fall:
+            record.up, record.since = False, now
+            return Transition(target, False, record.failed, detail)
+    return None
+
+
+def load(doc: dict | None) -> dict[str, Record]:
+    return {k: Record(**v) for k, v in ((doc or {}).get("backends") or {}).items()}
+
+
+def dump(records: dict[str, Record]) -> dict:
+    return {"backends": {k: asdict(v) for k, v in sorted(records.items())}}
+
+
+Probe = Callable[[str, int, float], Awaitable[tuple[bool, str, float | None]]]
+
+
+async def tcp_probe(address: str, port: int, timeout: float) -> tuple[bool, str, float | None]:
+    """TCP connect: (ok, why not, seconds to connect). The connection is closed at once."""
+    started = time.monotonic()
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
+    except asyncio.TimeoutError:
+        return False, f"no answer within {timeout:g}s", None
+    except ConnectionRefusedError:
+        return False, "connection refused", None
+    except OSError as e:
+        return False, (e.strerror or str(e)).lower(), None
+    latency = time.monotonic() - started
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), timeout)
+    except (OSError, asyncio.TimeoutError):
+        pass
+    return True, "", latency

@@ -1,0 +1,244 @@
+"""nftlb watch: probe every backend over TCP and, on each up/down change, commit one small
+transaction that rewrites only the affected pools.
+
+The watcher keeps no private copy of the ruleset. Each change goes through ops.refresh()
+under the state lock: re-plan the applied file with the new health view and drains, and
+commit the difference. So `nftlb apply`, `drain` and the watcher never undo each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from nftlb import health, ops, plan as planlib, state
+from nftlb.backend import Backend
+from nftlb.errors import ConfigError, NftlbError
+
+log = logging.getLogger("nftlb")
+
+
+class Watcher:
+    def __init__(self, nft: Backend, state_dir: Path, *, probe: health.Probe = health.tcp_probe,
+                 concurrency: int = 256, monotonic: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, conntrack: str | None = None):
+        self.nft, self.state_dir, self.probe = nft, Path(state_dir), probe
+        self.concurrency, self.monotonic, self.wall = concurrency, monotonic, wall
+        self.conntrack = conntrack if conntrack is not None else shutil.which("conntrack")
+        doc = state.read_doc(self.state_dir, state.HEALTH) or {}
+        self.records = health.load(doc)
+        self.retry_whole_table = bool(doc.get("retry_whole_table"))
+        self._written = health.dump(self.records)
+        self.targets: dict[str, health.Target] = {}
+        self.due: dict[str, float] = {}
+        self.config = None
+        self._source: tuple[str, str] | None = None
+        self._idle = False
+        self.transactions = 0  # committed by this watcher (tests and metrics count them)
+        self.sync()
+
+    # -- what to probe ------------------------------------------------------
+
+    def sync(self) -> None:
+        """Follow the applied file: probe its backends; forget backends it no longer has."""
+        applied = state.load(self.state_dir)
+        if applied is None:
+            if not self._idle:
+                log.error("nothing applied in %s (removed?): probing nothing until `nftlb apply`", self.state_dir)
+            self._idle, self._source, self.config, self.targets, self.due = True, None, None, {}, {}
+            return
+        self._idle = False
+        if (applied.source, applied.source_text) == self._source:
+            return
+        self._source = (applied.source, applied.source_text)
+        self.config = ops._parse(applied.source_text, applied.source)
+        now = self.monotonic()
+        self.targets = {t.key: t for t in health.targets(self.config)}
+        self.records = {k: self.records.get(k) or health.Record() for k in self.targets}
+        self.due = {k: self.due.get(k, now) for k in self.targets}
+        log.info("watching %d backends in %d pools", len(self.targets), len({t.pool for t in self.targets.values()}))
+
+    # -- probing ------------------------------------------------------------
+
+    async def probe_round(self, keys: list[str]) -> list[health.Transition]:
+        """Probe `keys` concurrently (bounded) and fold the results into the records."""
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(key: str):
+            t = self.targets[key]
+            async with gate:
+                return key, await self.probe(t.address, t.port, t.health.timeout)
+
+        results = await asyncio.gather(*(one(k) for k in keys))
+        now, wall = self.monotonic(), self.wall()
+        out = []
+        for key, (ok, detail, latency) in results:
+            t = self.targets[key]
+            self.due[key] = now + t.health.interval
+            transition = health.observe(self.records[key], t, ok, detail, latency, wall)
+            if transition:
+                out.append(transition)
+        return out
+
+    # -- committing ---------------------------------------------------------
+
+    def commit(self, transitions: list[health.Transition]) -> bool:
+        """Persist the health view; if it changed what should be live, commit the difference.
+
+        A failed transaction is logged and retried on the next round with the whole table.
+        """
+        for t in transitions:
+            (log.info if t.up else log.warning)("%s", t)
+        self._save()
+        if not transitions and not self.retry_whole_table:
+            return True
+        try:
+            with state.lock(self.state_dir):
+                result = ops.refresh(self.nft, self.state_dir, whole_table=self.retry_whole_table)
+        except NftlbError as e:
+            log.error("transaction failed; will retry with the whole table: %s", e)
+            self.retry_whole_table = True
+            self._save()
+            return False
+        self.retry_whole_table = False
+        self._save()
+        if result.changed:
+            self.transactions += 1
+            what = "the whole table" if result.whole_table else "pools " + ", ".join(result.changed)
+            log.info("committed %s", what)
+        self._report(result.plan, {t.target.pool for t in transitions})
+        self._reset_conntrack(result.plan, transitions)
+        return True
+
+    def _save(self) -> None:
+        doc = health.dump(self.records)
+        doc["retry_whole_table"] = self.retry_whole_table
+        if doc != self._written:
+            state.write_doc(self.state_dir, state.HEALTH, doc)
+            self._written = doc
+
+    def _report(self, plan: planlib.Plan, pools: set[str]) -> None:
+        for name in sorted(pools):
+            p = plan.pool(name)
+            if p is None:
+                continue
+            if not p.slots:
+                log.error("pool %s: no backend up; refusing new connections to %s", name, p.service)
+            elif p.fallback == "keep-last":
+                log.error("pool %s: ALL BACKENDS DOWN; keep-last leaves %s in place", name,
+                          ", ".join(b.display for b in p.active))
+            elif p.fallback == "backups":
+                log.warning("pool %s: no primary up; serving from backups %s", name,
+                            ", ".join(b.display for b in p.active))
+
+    def _reset_conntrack(self, plan: planlib.Plan, transitions: list[health.Transition]) -> None:
+        """on_down: reset (the default for udp): delete the down backend's flows for that pool,
+        so clients are re-balanced instead of staying pinned to it."""
+        pools = {p.name: p for p in self.config.pools}
+        for t in transitions:
+            pool, p = pools.get(t.target.pool), plan.pool(t.target.pool)
+            if t.up or pool is None or p is None or not pool.reset_on_down:
+                continue
+            backend = next(b for b in p.backends if b.display == t.target.backend)
+            if backend in p.active:  # keep-last kept it: its flows are all there is
+                continue
+            if not self.conntrack:
+                log.error("pool %s: cannot delete flows of %s: the conntrack tool is not installed",
+                          pool.name, backend.display)
+                continue
+            argv = [self.conntrack, "-D", "-f", "ipv4" if p.family == "ip" else "ipv6", "-p", p.protocol,
+                    "--orig-dst", str(p.vip), "--orig-port-dst", str(p.port),
+                    "--reply-src", str(backend.address), "--reply-port-src", str(backend.port)]
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            deleted = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+            if proc.returncode not in (0, 1):  # 1: nothing matched
+                log.error("pool %s: conntrack -D for %s failed: %s", pool.name, backend.display, deleted)
+            else:
+                log.info("pool %s: reset flows to %s (%s)", pool.name, backend.display, deleted or "none")
+
+    # -- loops --------------------------------------------------------------
+
+    async def step(self) -> list[health.Transition]:
+        """Follow the applied file, probe the backends that are due, commit what changed."""
+        self.sync()
+        now = self.monotonic()
+        due = [k for k, at in self.due.items() if at <= now]
+        transitions = await self.probe_round(due) if due else []
+        if due or self.retry_whole_table:
+            self.commit(transitions)
+        return transitions
+
+    def once(self) -> bool:
+        """One round of every backend, for cron: counters persist in the state dir."""
+        transitions = asyncio.run(self.probe_round(list(self.targets)))
+        return self.commit(transitions)
+
+    async def run(self, stop: asyncio.Event, reload: Callable[[], None] | None = None,
+                  reload_requested: asyncio.Event | None = None) -> None:
+        """Probe each backend every `interval` until `stop` is set."""
+        while not stop.is_set():
+            if reload_requested is not None and reload_requested.is_set():
+                reload_requested.clear()
+                if reload:
+                    reload()
+            await self.step()
+            wait = min(self.due.values(), default=self.monotonic() + 1.0) - self.monotonic()
+            events = [e for e in (stop, reload_requested) if e is not None]
+            waiters = [asyncio.ensure_future(e.wait()) for e in events]
+            await asyncio.wait(waiters, timeout=max(0.0, min(wait, 1.0)), return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+
+
+def serve(file: Path, nft: Backend, state_dir: Path, **kw) -> int:
+    """`nftlb watch FILE`: apply FILE, then watch until SIGTERM; SIGHUP re-applies FILE."""
+    state_dir = Path(state_dir)
+    fd = state.watch_lock(state_dir)
+    try:
+        r = ops.apply(file, nft, state_dir)
+        log.info("nftlb watch (pid %d): %s table inet %s from %s", os.getpid(),
+                 "applied" if r.action == "applied" else "in sync:", r.summary["table"], file)
+        watcher = Watcher(nft, state_dir, **kw)
+
+        def reload() -> None:
+            try:
+                r = ops.apply(file, nft, state_dir)
+            except ConfigError as e:
+                log.error("SIGHUP: %s is not valid; keeping the running config:\n%s", file, e)
+                return
+            except NftlbError as e:
+                log.error("SIGHUP: applying %s failed; keeping the running config: %s", file, e)
+                return
+            log.info("SIGHUP: %s %s", file, "applied" if r.action == "applied" else "unchanged")
+
+        async def main() -> None:
+            stop, hup = asyncio.Event(), asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, hup.set)
+            await watcher.run(stop, reload, hup)
+
+        asyncio.run(main())
+        log.info("nftlb watch stopped")
+        return 0
+    finally:
+        os.close(fd)
+
+
+def once(file: Path, nft: Backend, state_dir: Path, **kw) -> bool:
+    """`nftlb watch FILE --once`: bring the table to FILE (a no-op when in sync), then one
+    probe round of every backend; streaks persist in the state dir between runs."""
+    fd = state.watch_lock(Path(state_dir))
+    try:
+        ops.apply(file, nft, state_dir)
+        return Watcher(nft, state_dir, **kw).once()
+    finally:
+        os.close(fd)

@@ -1,0 +1,224 @@
+"""The watcher's state machine and transactions, with a fake clock, a fake prober and the fake kernel."""
+
+import asyncio
+import logging
+
+import pytest
+
+from nftlb import health, ops, state
+from nftlb.diff import normalize
+from nftlb.fake import Fake
+from nftlb.watch import Watcher
+
+POOLS = """
+health: {interval: 1s, timeout: 500ms, rise: 2, fall: 3}
+pools:
+  - name: web
+    vip: 198.51.100.10
+    port: 80
+    backends:
+      - 10.0.0.11:8080
+      - 10.0.0.12:8080
+      - {address: 10.0.0.21, port: 8080, backup: true}
+  - name: dns
+    vip: 198.51.100.53
+    port: 53
+    protocol: udp
+    health: {port: 8080}
+    backends: [10.0.0.11, 10.0.0.12]
+  - name: last
+    vip: 198.51.100.20
+    port: 80
+    when_all_down: keep-last
+    backends: [10.0.0.11:8080, 10.0.0.12:8080]
+  - name: quiet
+    vip: 198.51.100.30
+    port: 80
+    health: off
+    backends: [10.0.0.99:80]
+"""
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+class World:
+    """Fake clock + fake prober + fake kernel + a real state dir."""
+
+    def __init__(self, tmp_path, text=POOLS):
+        self.kernel, self.clock, self.dead = Fake(), Clock(), set()
+        self.state_dir = tmp_path / "state"
+        self.file = tmp_path / "pools.yaml"
+        self.file.write_text(text)
+        self.probed = []
+        ops.apply(self.file, self.kernel, self.state_dir)
+
+    async def probe(self, address, port, timeout):
+        self.probed.append((address, port))
+        if (address, port) in self.dead:
+            return False, "connection refused", None
+        return True, "", 0.001
+
+    def watcher(self):
+        return Watcher(self.kernel, self.state_dir, probe=self.probe, monotonic=self.clock, wall=self.clock,
+                       conntrack="")
+
+    def rounds(self, w, n=1):
+        out = []
+        for _ in range(n):
+            out += asyncio.run(w.step())
+            self.clock.t += 1.0
+        return out
+
+    def slots(self, pool):
+        live = normalize(self.kernel.list("table inet nftlb"))
+        slots = live.get(f"map pool_{pool}_slots")
+        if slots:
+            return sorted({e.split(" : ")[1] for e in slots["elem"]})
+        rules = live[f"chain pool_{pool}"].get("rules", [])
+        return [rules[0]["text"].split(" to ")[1].replace(":", " . ")] if rules else []
+
+    def refused(self):
+        return normalize(self.kernel.list("table inet nftlb"))["set refuse4"]["elem"]
+
+
+def test_fall_then_rise_one_transaction_each(tmp_path):
+    world = World(tmp_path)
+    w = world.watcher()
+    assert world.rounds(w, 3) == [] and w.transactions == 0  # steady: no transaction at all
+    assert world.slots("web") == ["10.0.0.11 . 8080", "10.0.0.12 . 8080"]
+
+    world.dead.add(("10.0.0.12", 8080))
+    assert world.rounds(w, 2) == [] and "10.0.0.12 . 8080" in world.slots("web")  # 2 failures < fall
+    [t_web, t_dns, t_last] = world.rounds(w, 1)  # the third: down in every pool it serves
+    assert str(t_web) == "pool web backend 10.0.0.12:8080 down after 3 failures: connection refused"
+    assert world.slots("web") == ["10.0.0.11 . 8080"] and w.transactions == 1
+    assert world.slots("dns") == ["10.0.0.11 . 53"]  # probed on its health port 8080
+
+    world.dead.clear()
+    assert world.rounds(w, 1) == [] and world.slots("web") == ["10.0.0.11 . 8080"]  # 1 success < rise
+    assert [str(t) for t in world.rounds(w, 1)][0] == "pool web backend 10.0.0.12:8080 up after 2 successes"
+    assert world.slots("web") == ["10.0.0.11 . 8080", "10.0.0.12 . 8080"] and w.transactions == 2
+    assert world.rounds(w, 5) == [] and w.transactions == 2
+
+
+def test_health_off_pool_is_not_probed(tmp_path):
+    world = World(tmp_path)
+    world.rounds(world.watcher(), 2)
+    assert ("10.0.0.99", 80) not in world.probed
+    assert ("10.0.0.21", 8080) in world.probed  # backups are probed too
+
+
+def test_backups_only_while_no_primary_is_up(tmp_path, caplog):
+    world = World(tmp_path)
+    w = world.watcher()
+    world.dead |= {("10.0.0.11", 8080), ("10.0.0.12", 8080)}
+    with caplog.at_level(logging.WARNING, "nftlb"):
+        world.rounds(w, 3)
+    assert world.slots("web") == ["10.0.0.21 . 8080"]
+    assert "pool web: no primary up; serving from backups 10.0.0.21:8080" in caplog.text
+    world.dead.discard(("10.0.0.12", 8080))
+    world.rounds(w, 2)
+    assert world.slots("web") == ["10.0.0.12 . 8080"]  # handed back
+
+
+def test_all_down_reject_refuses_and_keep_last_keeps(tmp_path, caplog):
+    world = World(tmp_path)
+    w = world.watcher()
+    world.rounds(w, 1)
+    world.dead.add(("10.0.0.11", 8080))
+    world.rounds(w, 3)
+    assert world.slots("last") == ["10.0.0.12 . 8080"]
+    world.dead |= {("10.0.0.12", 8080), ("10.0.0.21", 8080)}
+    with caplog.at_level(logging.ERROR, "nftlb"):
+        world.rounds(w, 3)
+    assert sorted(world.refused()) == ["198.51.100.10 . tcp . 80", "198.51.100.53 . udp . 53"]
+    assert world.slots("web") == []
+    assert world.slots("last") == ["10.0.0.12 . 8080"]  # the last healthy set stays in place
+    assert "pool last: ALL BACKENDS DOWN; keep-last leaves 10.0.0.12:8080 in place" in caplog.text
+    assert "pool web: no backend up; refusing new connections to 198.51.100.10:80/tcp" in caplog.text
+    world.dead.clear()
+    world.rounds(w, 2)
+    assert world.refused() == [] and len(world.slots("web")) == 2 and len(world.slots("last")) == 2
+
+
+def test_drain_survives_watcher_restart_and_reapply(tmp_path):
+    world = World(tmp_path)
+    name, r = ops.set_drain(world.kernel, world.state_dir, "web", "10.0.0.11", True)
+    assert name == "10.0.0.11:8080" and r.changed == ["web"]
+    assert world.slots("web") == ["10.0.0.12 . 8080"]
+    world.rounds(world.watcher(), 3)  # healthy, but drained
+    assert world.slots("web") == ["10.0.0.12 . 8080"]
+    assert ops.apply(world.file, world.kernel, world.state_dir).action == "in-sync"
+    world.rounds(world.watcher(), 2)  # a new watcher
+    assert world.slots("web") == ["10.0.0.12 . 8080"]
+    ops.set_drain(world.kernel, world.state_dir, "web", "10.0.0.11:8080", False)
+    assert world.slots("web") == ["10.0.0.11 . 8080", "10.0.0.12 . 8080"]
+
+
+def test_reapply_does_not_resurrect_a_down_backend(tmp_path):
+    world = World(tmp_path)
+    w = world.watcher()
+    world.dead.add(("10.0.0.12", 8080))
+    world.rounds(w, 3)
+    r = ops.apply(world.file, world.kernel, world.state_dir)
+    assert r.action == "in-sync" and world.slots("web") == ["10.0.0.11 . 8080"]
+    edited = POOLS.replace("port: 80\n    backends:\n      - 10.0.0.11", "port: 81\n    backends:\n      - 10.0.0.11", 1)
+    world.file.write_text(edited)
+    r = ops.apply(world.file, world.kernel, world.state_dir)
+    assert r.action == "applied" and r.transaction == "1 pools" and world.slots("web") == ["10.0.0.11 . 8080"]
+
+
+def test_failed_transaction_is_retried_with_the_whole_table(tmp_path, caplog):
+    world = World(tmp_path)
+    w = world.watcher()
+    world.dead.add(("10.0.0.12", 8080))
+    world.rounds(w, 2)
+    world.kernel.reject = "Error: Could not process rule: Cannot allocate memory"
+    with caplog.at_level(logging.ERROR, "nftlb"):
+        world.rounds(w, 1)
+    assert "transaction failed; will retry with the whole table" in caplog.text
+    assert "10.0.0.12 . 8080" in world.slots("web") and w.retry_whole_table
+    assert state.read_doc(world.state_dir, state.HEALTH)["retry_whole_table"] is True
+    world.rounds(w, 1)
+    assert world.slots("web") == ["10.0.0.11 . 8080"] and not w.retry_whole_table
+    assert world.kernel.scripts[-1][0].startswith("# nftlb: table inet nftlb")  # the whole table
+
+
+def test_once_rounds_persist_streaks_like_a_daemon(tmp_path):
+    world = World(tmp_path)
+    world.dead.add(("10.0.0.12", 8080))
+    for _ in range(2):
+        assert world.watcher().once()  # a fresh process each time, as from cron
+    assert "10.0.0.12 . 8080" in world.slots("web")
+    assert health.load(state.read_doc(world.state_dir, state.HEALTH))["web|10.0.0.12:8080"].failed == 2
+    assert world.watcher().once()
+    assert world.slots("web") == ["10.0.0.11 . 8080"]
+
+
+def test_watcher_follows_a_new_apply(tmp_path):
+    world = World(tmp_path)
+    w = world.watcher()
+    world.rounds(w, 1)
+    world.file.write_text(POOLS.replace("      - 10.0.0.12:8080\n      - {address: 10.0.0.21", "      - 10.0.0.13:8080\n      - {address: 10.0.0.21", 1))
+    ops.apply(world.file, world.kernel, world.state_dir)
+    world.probed.clear()
+    world.rounds(w, 1)
+    assert ("10.0.0.13", 8080) in world.probed and "web|10.0.0.13:8080" in w.records
+
+
+@pytest.mark.parametrize("rounds", [200])
+def test_flapping_backend_costs_one_transaction_per_real_change(tmp_path, rounds):
+    world = World(tmp_path)
+    w = world.watcher()
+    changes = 0
+    for i in range(rounds):
+        if i % 4 == 0:
+            world.dead.symmetric_difference_update({("10.0.0.12", 8080)})
+        changes += len([t for t in world.rounds(w, 1) if t.target.pool == "web"])
+    assert changes > 0 and w.transactions == changes
