@@ -157,3 +157,32 @@ def test_state_dir_unwritable_is_exit_3(run, kernel, tmp_path):
     blocker.write_text("")
     code, _, err = run("apply", "--state-dir", blocker / "sub", WEB)
     assert code == 3 and "state dir" in err and kernel.tables == {}
+
+
+def test_systemd_units_print_and_install(run, tmp_path):
+    code, out, _ = run("systemd", WEB, "--every", "5s")
+    assert code == 0
+    assert out.count("### nftlb-watch") == 3
+    assert f"watch {WEB} --state-dir {tmp_path / 'state'}" in out  # absolute paths, our state dir
+    assert "OnUnitActiveSec=5s" in out and "ExecReload=/bin/kill -HUP $MAINPID" in out
+    code, out, _ = run("systemd", WEB, "--install", "--unit-dir", tmp_path / "units")
+    assert code == 0 and out.count("wrote ") == 3
+    unit = tmp_path / "units" / "nftlb-watch.service"
+    assert oct(unit.stat().st_mode & 0o777) == "0o644" and "[Install]" in unit.read_text()
+    assert run("systemd", WEB, "--every", "soon")[0] == 2
+
+
+def test_drain_and_enable(run, kernel):
+    assert run("drain", "web", "10.0.0.11")[0] == 3  # nothing applied yet
+    assert run("apply", WEB)[0] == 0
+    code, out, _ = run("drain", "web", "10.0.0.11")
+    assert code == 0 and out == ("pool web backend 10.0.0.11:8080 drained; taking new connections: "
+                                 "10.0.0.12:8080, 10.0.0.13:8080\n")
+    code, out, _ = run("drain", "--json", "web", "10.0.0.12:8080")
+    assert code == 0 and json.loads(out)["active"] == ["10.0.0.13:8080"]
+    assert run("drain", "nope", "10.0.0.11")[0] == 2
+    code, _, err = run("drain", "web", "10.9.9.9")
+    assert code == 2 and "backends: 10.0.0.11:8080" in err
+    code, out, _ = run("enable", "web", "10.0.0.11:8080")
+    assert code == 0 and "10.0.0.11:8080, 10.0.0.13:8080" in out
+    assert run("diff", WEB)[0] == 0  # drains are part of the desired state
