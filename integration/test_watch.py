@@ -127,6 +127,7 @@ def test_udp_backend_down_resets_its_flows(gw, lab):
     now = send()
     assert now["failed"] == 0 and first not in now["backends"], now  # the same client moved on at once
     assert watcher.stop() == 0
+    print("\n".join(watcher.lines))
 
 
 def test_once_from_cron_reaches_the_same_result(gw, lab):
@@ -215,4 +216,35 @@ def test_backups_then_refusal_when_everything_is_down(gw, lab):
     res = lab.http_spread(VIP, 80, 3, timeout=2)
     assert res["failed"] == 3 and all("refused" in e.lower() for e in res["errors"]), res
     assert time.monotonic() - started < 2  # refused at once, not a timeout
+    assert watcher.stop() == 0
+
+
+def test_on_down_keep_leaves_established_flows_and_reset_cuts_them(gw, lab_factory, tmp_path):
+    """Health fails on a separate port (the backend's firewall rejects it) while the service
+    port keeps working: only `on_down` decides what happens to established connections."""
+    lab = lab_factory()
+    lab.start_servers(tcp_ports=(8080, 8081))
+    gw = Gateway(lab, tmp_path)
+    f = gw.write(HEALTH + "pools:\n" + pool("keep", TCP3, health="{port: 8081}")
+                 + pool("cut", TCP3, port=81, health="{port: 8081}", on_down="reset"))
+    watcher = WatchProcess(gw, f)
+    watcher.saw("watching 6 backends")
+    keep, cut = {}, {}
+    for _ in range(12):  # a held connection in each pool, on one backend
+        for pool_port, held in ((80, keep), (81, cut)):
+            h = lab.hold(VIP, pool_port)
+            held.setdefault(h.request(), h)
+        common = sorted(set(keep) & set(cut))
+        if common:
+            break
+    victim = common[0]
+    b = lab.backend(victim)
+    lab.exec(b.ns, "nft", "-f", "-", input="table inet fw {\n chain input {\n"
+             "  type filter hook input priority filter; policy accept;\n  tcp dport 8081 reject with tcp reset\n }\n}\n")
+    watcher.saw(f"pool cut: reset flows to {b.ipv4}:8080")
+    watcher.saw(f"pool keep backend {b.ipv4}:8080 down")
+    assert keep[victim].request() == victim  # keep: the established connection carries on
+    with pytest.raises(Exception, match="reset|closed|Broken|refused") as cut_off:
+        cut[victim].request()  # reset: its flow is gone, the client learns at once
+    print("the reset pool's established connection:", cut_off.value)
     assert watcher.stop() == 0
