@@ -52,7 +52,7 @@ def _desired(source: str, text: str, status: planlib.Status) -> Desired:
 def desired(path: str | Path, state_dir: Path | None = None) -> Desired:
     """Validate and render a pools file, with the state dir's health and drains when given."""
     text = model.read(path)
-    model.parse(text, str(path))  # raise ConfigError before anything reads the state dir
+    _parse(text, str(path))  # raise ConfigError before anything reads the state dir
     status = status_of(state_dir, state.load(state_dir)) if state_dir is not None else planlib.Status()
     return _desired(str(path), text, status)
 
@@ -140,7 +140,7 @@ def apply(path: str | Path, nft: Backend, state_dir: Path, *, dry_run: bool = Fa
     the whole table. Dry run: the diff, and the kernel's check of the transaction; no change."""
     started = time.monotonic()
     text = model.read(path)
-    model.parse(text, str(path))
+    _parse(text, str(path))  # a bad file never reaches the lock or the kernel
     state_dir = Path(state_dir)
     if dry_run:
         return _apply(str(path), text, nft, state_dir, dry_run=True, started=started)

@@ -23,6 +23,7 @@ from nftlb.backend import Backend
 from nftlb.errors import ConfigError, NftlbError
 
 log = logging.getLogger("nftlb")
+SAVE_EVERY = 10.0  # seconds between health.json writes when only probe times changed
 
 
 class Watcher:
@@ -35,7 +36,8 @@ class Watcher:
         doc = state.read_doc(self.state_dir, state.HEALTH) or {}
         self.records = health.load(doc)
         self.retry_whole_table = bool(doc.get("retry_whole_table"))
-        self._written = health.dump(self.records)
+        self._written, self._written_at = self._essence(doc), 0.0
+        self._applied_stat = None
         self.targets: dict[str, health.Target] = {}
         self.due: dict[str, float] = {}
         self.config = None
@@ -48,6 +50,14 @@ class Watcher:
 
     def sync(self) -> None:
         """Follow the applied file: probe its backends; forget backends it no longer has."""
+        try:
+            st = os.stat(self.state_dir / state.APPLIED)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp is not None and stamp == self._applied_stat:
+            return  # applied.json unchanged since the last look: nothing to re-read
+        self._applied_stat = stamp
         applied = state.load(self.state_dir)
         if applied is None:
             if not self._idle:
@@ -117,12 +127,21 @@ class Watcher:
         self._reset_conntrack(result.plan, transitions)
         return True
 
-    def _save(self) -> None:
+    @staticmethod
+    def _essence(doc: dict) -> dict:
+        """What must reach the disk at once: all but probe times and latencies."""
+        return {"retry_whole_table": bool(doc.get("retry_whole_table")),
+                "backends": {k: {f: v for f, v in r.items() if f not in ("checked", "latency")}
+                             for k, r in (doc.get("backends") or {}).items()}}
+
+    def _save(self, force: bool = False) -> None:
+        """health.json: at once when a state changes, else at most every SAVE_EVERY seconds."""
         doc = health.dump(self.records)
         doc["retry_whole_table"] = self.retry_whole_table
-        if doc != self._written:
+        essence = self._essence(doc)
+        if force or essence != self._written or self.wall() - self._written_at >= SAVE_EVERY:
             state.write_doc(self.state_dir, state.HEALTH, doc)
-            self._written = doc
+            self._written, self._written_at = essence, self.wall()
 
     def _report(self, plan: planlib.Plan, pools: set[str]) -> None:
         for name in sorted(pools):
@@ -178,7 +197,9 @@ class Watcher:
     def once(self) -> bool:
         """One round of every backend, for cron: counters persist in the state dir."""
         transitions = asyncio.run(self.probe_round(list(self.targets)))
-        return self.commit(transitions)
+        ok = self.commit(transitions)
+        self._save(force=True)  # the next run starts from this round's streaks and times
+        return ok
 
     async def run(self, stop: asyncio.Event, reload: Callable[[], None] | None = None,
                   reload_requested: asyncio.Event | None = None) -> None:
