@@ -280,7 +280,7 @@ def systemd(
     """
     model.load(file)
     try:
-        period = model._duration(every)
+        period = model.duration(every)
     except ValueError as e:
         raise UsageError(f"--every: {e}") from None
     rendered = units.render_units(file, state_dir, every=f"{period:g}s")

@@ -35,7 +35,7 @@ MAX_NODES = 2_000_000  # YAML nodes after alias expansion ("billion laughs" guar
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 _POOL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
-_TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
+TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
 _SHORT_V6 = re.compile(r"\[(?P<addr>[^\]]+)\](?::(?P<port>[^:]*))?")
 
 
@@ -130,7 +130,7 @@ _DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m)?")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 
 
-def _duration(v: Any) -> Any:
+def duration(v: Any) -> Any:
     """`500ms`, `2s`, `1m`, or plain seconds -> float seconds in (0, 3600]."""
     if isinstance(v, bool):
         raise ValueError("expected a duration such as 500ms, 2s or 1m")
@@ -145,7 +145,7 @@ def _duration(v: Any) -> Any:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(_duration)]
+Duration = Annotated[float, BeforeValidator(duration)]
 
 
 class HealthDefaults(_Model):
@@ -254,7 +254,7 @@ class Config(_Model):
     @classmethod
     def _check_table(cls, v: Any) -> str:
         _not_bool(v)
-        if not isinstance(v, str) or not _TABLE_NAME.fullmatch(v):
+        if not isinstance(v, str) or not TABLE_NAME.fullmatch(v):
             raise ValueError(f"{v!r} is not a table name: use 1-31 characters a-z 0-9 _, starting with a letter")
         return v
 

@@ -108,15 +108,20 @@ class Result:
         }
 
 
+def _applied_plan(applied: state.Applied) -> planlib.Plan | None:
+    """The plan nftlb built for the live generation (None if this version cannot read it)."""
+    try:
+        return planlib.build(_parse(applied.source_text, applied.source), planlib.Status.from_dict(applied.status))
+    except model.ConfigError:
+        return None
+
+
 def _live_plan(applied: state.Applied | None, table: str, seed: int) -> planlib.Plan | None:
     """The plan behind the live table, when it can be trusted to be exactly that; else None."""
     if applied is None or applied.table != table or applied.version != __version__:
         return None
-    try:
-        old = planlib.build(_parse(applied.source_text, applied.source), planlib.Status.from_dict(applied.status))
-    except model.ConfigError:
-        return None
-    if old.seed != seed or render.ruleset(old) != applied.ruleset:
+    old = _applied_plan(applied)
+    if old is None or old.seed != seed or render.ruleset(old) != applied.ruleset:
         return None
     return old
 
@@ -175,12 +180,8 @@ def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bo
 
 
 def _pool_changes(result: Result, applied: state.Applied | None, new: planlib.Plan) -> None:
-    if applied is None:
-        result.pools_added = [p.name for p in new.pools]
-        return
-    try:
-        old = planlib.build(_parse(applied.source_text, applied.source), planlib.Status.from_dict(applied.status))
-    except model.ConfigError:  # written by another nftlb version; the ruleset diff still tells
+    old = _applied_plan(applied) if applied is not None else planlib.Plan(new.table, new.seed, ())
+    if old is None:  # written by another nftlb version; the ruleset diff still tells
         return
     before = {p.name: p for p in old.pools}
     after = {p.name: p for p in new.pools}
@@ -254,7 +255,7 @@ def set_drain(nft: Backend, state_dir: Path, pool: str, backend: str, drained: b
 
 def remove(nft: Backend, state_dir: Path, table: str | None = None) -> str | None:
     """Delete our table (and only it). Returns the table deleted, None when there was none."""
-    if table is not None and not model._TABLE_NAME.fullmatch(table):
+    if table is not None and not model.TABLE_NAME.fullmatch(table):
         raise UsageError(f"{table!r} is not a table name")
     with state.lock(state_dir):
         applied = state.load(state_dir)
