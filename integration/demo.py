@@ -58,8 +58,8 @@ def main() -> int:
         print(f"\n[client] 30 connections to {VIP}:443 (pool web-tls, 10.0.0.13 draining) -> "
               + ", ".join(f"{k}: {v}" for k, v in sorted(res["backends"].items())))
 
-        print("\n[gateway]$ nft list chain inet nftlb pool_web")
-        print(lab.exec(lab.gw, "nft", "list", "chain", "inet", "nftlb", "pool_web").stdout.rstrip())
+        print("\n[gateway]$ nft list map inet nftlb services4")
+        print(lab.exec(lab.gw, "nft", "list", "map", "inet", "nftlb", "services4").stdout.rstrip())
         nftlb("remove")
     subprocess.run(["rm", "-rf", str(state_dir)], check=False)
     print("\nlab namespaces deleted; nothing else on this machine was changed")

@@ -60,13 +60,9 @@ def gw(lab, tmp_path):
     return Gateway(lab, tmp_path)
 
 
-def backends_in_pool(gw: Gateway, name: str) -> set[str]:
-    live = gw.live()
-    slots = live.get(f"map pool_{name}_slots")
-    if slots:
-        return {e[1]["concat"][0] for e in slots["elem"]}
-    rules = live[f"chain pool_{name}"].get("rules", [])  # one backend: a plain `dnat to ADDR:PORT`
-    return {e["dnat"]["addr"] for r in rules for e in r["expr"] if "dnat" in e}
+def backends_in_pool(gw: Gateway, name: str, vip: str = VIP, port: int = 80, proto: str = "tcp") -> set[str]:
+    """Addresses of the backends taking new connections for vip:port, read from the live table."""
+    return gw.backends(vip, port, proto)
 
 
 def test_dead_backend_leaves_within_the_bound_and_comes_back(gw, lab):

@@ -3,7 +3,10 @@
 - `run(script, check=False)`: one nft script as one kernel transaction (or only
   checked by the kernel when `check`); raises KernelError with what nft said.
 - `list(what)`: JSON listing of one object, e.g. "table inet nftlb" or
-  "map inet nftlb pool_web_slots"; None if it does not exist.
+  "map inet nftlb services4"; None if it does not exist.
+- `generation()`: the kernel's nftables ruleset generation, +1 per committed
+  transaction in this network namespace (any table's). nftlb records it after each of
+  its commits: when it has not moved, nothing can have changed the live table.
 
 `Libnftables` (python3-nftables, in-process) and `NftBinary` (`nft` via subprocess,
 argv list, script on stdin, never a shell) both talk to the real kernel. `Fake` keeps
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import struct
 import subprocess
 from typing import Protocol
 
@@ -30,6 +35,8 @@ class Backend(Protocol):
 
     def list(self, what: str) -> str | None: ...
 
+    def generation(self) -> int: ...
+
 
 def _kernel_error(what: str, stderr: str) -> KernelError:
     detail = stderr.strip() or "no message"
@@ -38,8 +45,37 @@ def _kernel_error(what: str, stderr: str) -> KernelError:
     return KernelError(f"{what}:\n{detail}")
 
 
+def kernel_generation() -> int:
+    """NFT_MSG_GETGEN over a netfilter netlink socket: the ruleset generation of this netns."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+    except OSError as e:
+        raise KernelError(f"cannot open a netfilter netlink socket: {e.strerror}") from None
+    with sock:
+        try:
+            sock.settimeout(5)
+            sock.bind((0, 0))
+            # nlmsghdr(len, type = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN, NLM_F_REQUEST, seq, pid) + nfgenmsg
+            sock.send(struct.pack("=IHHII", 20, (10 << 8) | 16, 1, 1, 0) + struct.pack("=BBH", 0, 0, 0))
+            data = sock.recv(65536)
+        except OSError as e:
+            raise KernelError(f"asking the kernel for the nftables generation failed: {e.strerror or e}") from None
+    length, kind = struct.unpack_from("=IH", data, 0)
+    if kind == 2:  # NLMSG_ERROR
+        err = -struct.unpack_from("=i", data, 16)[0]
+        raise KernelError(f"asking the kernel for the nftables generation failed: {os.strerror(err)}")
+    offset = 20  # nlmsghdr + nfgenmsg, then attributes
+    while offset + 4 <= min(length, len(data)):
+        size, attr = struct.unpack_from("=HH", data, offset)
+        if attr & 0x7FFF == 1 and size >= 8:  # NFTA_GEN_ID, u32 big endian
+            return struct.unpack_from(">I", data, offset + 4)[0]
+        offset += max(4, (size + 3) & ~3)
+    raise KernelError("the kernel's answer carried no nftables generation")
+
+
 class Libnftables:
     name = "libnftables"
+    generation = staticmethod(kernel_generation)
 
     def __init__(self):
         try:
@@ -78,6 +114,7 @@ class Libnftables:
 
 class NftBinary:
     name = "nft"
+    generation = staticmethod(kernel_generation)
 
     def __init__(self, path: str | None = None):
         self.path = path or shutil.which("nft") or next(

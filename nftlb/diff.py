@@ -1,9 +1,10 @@
-"""Pure comparison of the live table with the desired ruleset.
+"""Pure pieces of comparing the live table with the desired one.
 
-Whether the live table is what nftlb last loaded is decided on parsed JSON listings
-(handles, counters and element order removed), never on nft's text format, which
+Whether the live table is still what nftlb loaded is decided on the kernel's ruleset
+generation, and where that moved, on parsed JSON listings (handles, counters, element
+order and the contents of dynamic maps removed), never on nft's text format, which
 changes between versions. What an operator reads is a unified diff of nftlb's own
-rendered rulesets: the one last applied against the one the file asks for.
+rendered rulesets: the live one against the one the file asks for.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
-
-from nftlb.state import Applied
 
 _VOLATILE = {"handle", "metainfo"}
 
@@ -31,6 +29,8 @@ def normalize(listing: str) -> dict[str, dict]:
             if kind == "metainfo":
                 continue
             body = _clean(body)
+            if "timeout" in body.get("flags", ()):  # elements come and go with traffic
+                body.pop("elem", None)
             if kind == "rule":
                 out.setdefault(f"chain {body.get('chain')}", {}).setdefault("rules", []).append(body)
             elif kind == "table":
@@ -67,27 +67,6 @@ class Diff:
         return {"in_sync": self.in_sync, "changes": self.changes, "drift": self.drift}
 
 
-def compare(desired: str, table: str, applied: Applied | None, live: dict | None, source: str = "file") -> Diff:
-    """Diff the desired script against what is live in the kernel.
-
-    `live` is the normalized listing of our table, None when it does not exist.
-    """
-    ours = applied if applied is not None and applied.table == table else None
-    to_label = f"{source} (rendered)"
-    if live is None:
-        drift = f"table inet {table} was deleted outside nftlb" if ours else None
-        return Diff(False, _unified("", desired, f"live: no table inet {table}", to_label), drift)
-    if ours is None:
-        drift = (f"table inet {table} exists but the state dir has no record of nftlb loading it; "
-                 "apply will replace it")
-        return Diff(False, _unified("", desired, f"live: table inet {table}, origin unknown", to_label), drift)
-    when = datetime.fromtimestamp(ours.applied_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    changes = _unified(ours.ruleset, desired, f"live: as loaded {when} from {ours.source}", to_label)
-    if live != ours.live:
-        return Diff(False, changes, drift_report(ours.live, live))
-    return Diff(not changes, changes, None)
-
-
 def drift_report(expected: dict, live: dict) -> str:
     """Which objects of our table differ from what nftlb loaded, and how (as JSON)."""
     lines = []
@@ -103,7 +82,7 @@ def drift_report(expected: dict, live: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _unified(a: str, b: str, a_label: str, b_label: str) -> str:
+def unified(a: str, b: str, a_label: str, b_label: str) -> str:
     if a == b:
         return ""
     return "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), a_label, b_label, n=2))

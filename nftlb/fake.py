@@ -24,6 +24,7 @@ class Fake:
         self.tables: dict[str, dict[str, dict]] = {}  # table -> "kind name" -> {"decl", "elements" | "rules"}
         self.scripts: list[tuple[str, bool]] = []
         self.reject: str | None = None  # set to make the next run() fail like the kernel would
+        self.commits = 0  # the kernel's ruleset generation: +1 per committed transaction
 
     def run(self, script: str, *, check: bool = False) -> None:
         self.scripts.append((script, check))
@@ -37,8 +38,15 @@ class Fake:
             raise KernelError(f"nft rejected the ruleset:\nError: {e}") from None
         if not check:
             self.tables = tables
+            self.commits += 1
+
+    def generation(self) -> int:
+        return self.commits
 
     def list(self, what: str) -> str | None:
+        if what == "tables":
+            return json.dumps({"nftables": [{"metainfo": {}}] + [
+                {"table": {"family": "inet", "name": t, "handle": 1}} for t in self.tables]})
         kind, _family, table, *name = what.split()
         objects = self.tables.get(table)
         if objects is None or (name and f"{kind} {name[0]}" not in objects):
@@ -60,6 +68,11 @@ class Fake:
 
 class _Refused(Exception):
     pass
+
+
+def _key(element: str) -> str:
+    """An element's key: what comes before its comment and its data."""
+    return re.split(r' comment "| : ', element, maxsplit=1)[0]
 
 
 class _Interpreter:
@@ -92,21 +105,23 @@ class _Interpreter:
                 self._table(m[1])
                 del self.tables[m[1]]
             elif m := re.fullmatch(r"(add|delete) element inet (\S+) (\S+) \{ (.*) \}", line):
-                obj = self._object(m[2], f"{'map' if m[3].startswith('services') else 'set'} {m[3]}")
+                objects = self._table(m[2])
+                obj = self._object(m[2], f"map {m[3]}" if f"map {m[3]}" in objects else f"set {m[3]}")
                 for item in (x.strip() for x in m[4].split(",")):
-                    match = [e for e in obj["elements"] if e == item or e.startswith(item + " : ")]
-                    key = item.split(" : ")[0]
+                    match = [e for e in obj["elements"] if _key(e) == _key(item)]
                     if m[1] == "delete":
                         if not match:
                             raise _Refused(f"{_ABSENT}: element {item}")
                         obj["elements"].remove(match[0])
-                    elif any(e == key or e.startswith(key + " : ") for e in obj["elements"]):
+                    elif match:
                         raise _Refused(f"File exists: element {item}")
                     else:
                         obj["elements"].append(item)
             elif m := re.fullmatch(r"flush chain inet (\S+) (\S+)", line):
                 self._object(m[1], f"chain {m[2]}")["rules"] = []
             elif m := re.fullmatch(r"delete (map|set|chain) inet (\S+) (\S+)", line):
+                if m[1] == "chain" and self._object(m[2], f"chain {m[3]}")["rules"]:
+                    raise _Refused(f"Device or resource busy: chain {m[3]} is not empty")
                 self._object(m[2], f"{m[1]} {m[3]}")
                 del self.tables[m[2]][f"{m[1]} {m[3]}"]
             else:
@@ -133,6 +148,6 @@ class _Interpreter:
                 decl, _, elements = text.partition("elements = {")
                 obj["decl"] = decl.split() or obj["decl"]
                 for item in (x.strip() for x in elements.rstrip(" }").split(",") if elements):
-                    if item and item not in obj["elements"]:
+                    if item and _key(item) not in map(_key, obj["elements"]):
                         obj["elements"].append(item)
             i = end + 1

@@ -126,12 +126,12 @@ def _parse_short(text: str) -> dict:
     return out
 
 
-_DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m)?")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+_DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
-def duration(v: Any) -> Any:
-    """`500ms`, `2s`, `1m`, or plain seconds -> float seconds in (0, 3600]."""
+def duration(v: Any, longest: float = 3600) -> Any:
+    """`500ms`, `2s`, `1m`, `1h`, or plain seconds -> float seconds in (0, longest]."""
     if isinstance(v, bool):
         raise ValueError("expected a duration such as 500ms, 2s or 1m")
     if isinstance(v, (int, float)):
@@ -140,12 +140,24 @@ def duration(v: Any) -> Any:
         seconds = float(m["n"]) * _UNITS[m["unit"]]
     else:
         raise ValueError(f"{v!r} is not a duration: write 500ms, 2s, 1m or a number of seconds")
-    if not 0 < seconds <= 3600:
-        raise ValueError(f"{v!r} is out of range: between 1ms and 1h")
+    if not 0 < seconds <= longest:
+        raise ValueError(f"{v!r} is out of range: more than 0 and at most {longest:g}s")
     return seconds
 
 
 Duration = Annotated[float, BeforeValidator(duration)]
+
+
+def _persistence(v: Any) -> Any:
+    if v in (False, "off", 0, None):
+        return None
+    seconds = duration(v, longest=7 * 86400)
+    if seconds != int(seconds):
+        raise ValueError(f"{v!r}: persistence is kept in whole seconds")
+    return int(seconds)
+
+
+Persistence = Annotated[int | None, BeforeValidator(_persistence)]
 
 
 class HealthDefaults(_Model):
@@ -195,6 +207,17 @@ class Pool(_Model):
     health: HealthOverride | Literal[False] | None = None  # `health: off` disables probing
     on_down: Literal["keep", "reset"] | None = None  # established connections of a down backend
     when_all_down: Literal["reject", "keep-last"] = "reject"
+    table_size: StrictInt | None = Field(None, ge=2, le=65537)  # Maglev slots (a prime); default: sized for N
+    persistence: Persistence = None  # seconds a client address stays on its backend after its last connection
+
+    @field_validator("table_size")
+    @classmethod
+    def _prime(cls, v: int | None) -> int | None:
+        from nftlb.maglev import is_prime
+
+        if v is not None and not is_prime(v):
+            raise ValueError(f"{v} is not a prime; Maglev needs a prime table size (e.g. 251, 4099, 65537)")
+        return v
 
     @field_validator("health", mode="before")
     @classmethod
@@ -425,6 +448,15 @@ def parse(text: str, file: str = "<string>") -> Config:
                 loc = ("pools", i, "health")
                 problems.append(Problem(file, tree.line(loc), _field(loc),
                                         f"timeout ({h.timeout:g}s) must not exceed interval ({h.interval:g}s)"))
+            if pool.persistence and pool.vip.version == 6:
+                loc = ("pools", i, "persistence")
+                problems.append(Problem(file, tree.line(loc), _field(loc),
+                                        "persistence is for IPv4 pools: nft 1.0.6 cannot keep an IPv6 client with its "
+                                        "backend in a dynamic map (use scheduler: source-hash to keep clients together)"))
+            if pool.table_size is not None and pool.table_size < len(pool.backends):
+                loc = ("pools", i, "table_size")
+                problems.append(Problem(file, tree.line(loc), _field(loc),
+                                        f"{pool.table_size} slots cannot hold {len(pool.backends)} backends"))
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: p.line))
     return config

@@ -3,12 +3,22 @@
 The CLI and the watcher are thin skins over these functions. Every change to the kernel
 happens under the state-dir lock, in one transaction, and is followed by a record of
 what is now live (applied.json).
+
+Whether the live table is exactly what nftlb left decides between a small transaction
+(only what changed) and replacing the whole table. It is decided without listing the
+table whenever possible: the kernel counts committed transactions (the ruleset
+generation), and when the count is where nftlb's last commit left it, nothing can have
+touched the table. Otherwise a listing is compared with the snapshot taken after that
+commit (kept for tables small enough to list cheaply), and failing that the whole table
+is replaced.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,15 +27,7 @@ from nftlb.backend import Backend
 from nftlb.errors import StateError, UsageError
 from nftlb.model import DEFAULT_TABLE
 
-
-@dataclass
-class Desired:
-    source: str
-    source_text: str
-    config: model.Config
-    plan: planlib.Plan
-    status: planlib.Status
-    script: str
+SNAPSHOT_LIMIT = 20_000  # elements: listing a larger table costs seconds, so only the generation is kept
 
 
 @lru_cache(maxsize=4)
@@ -43,18 +45,38 @@ def status_of(state_dir: Path, applied: state.Applied | None) -> planlib.Status:
                           last=last)
 
 
+@dataclass
+class Desired:
+    source: str
+    source_text: str
+    config: model.Config
+    plan: planlib.Plan
+    status: planlib.Status
+
+    @property
+    def script(self) -> str:
+        return render.ruleset(self.plan)
+
+
 def _desired(source: str, text: str, status: planlib.Status) -> Desired:
     config = _parse(text, source)
-    plan = planlib.build(config, status)
-    return Desired(source, text, config, plan, status, render.ruleset(plan))
+    return Desired(source, text, config, planlib.build(config, status), status)
 
 
 def desired(path: str | Path, state_dir: Path | None = None) -> Desired:
-    """Validate and render a pools file, with the state dir's health and drains when given."""
+    """Validate and plan a pools file, with the state dir's health and drains when given."""
     text = model.read(path)
     _parse(text, str(path))  # raise ConfigError before anything reads the state dir
     status = status_of(state_dir, state.load(state_dir)) if state_dir is not None else planlib.Status()
     return _desired(str(path), text, status)
+
+
+def applied_plan(applied: state.Applied) -> planlib.Plan | None:
+    """The plan of the live generation (None if this nftlb cannot read it)."""
+    try:
+        return planlib.build(_parse(applied.source_text, applied.source), planlib.Status.from_dict(applied.status))
+    except model.ConfigError:
+        return None
 
 
 def summary(plan: planlib.Plan) -> dict:
@@ -73,15 +95,71 @@ def summary(plan: planlib.Plan) -> dict:
     }
 
 
-def snapshot(nft: Backend, table: str) -> dict | None:
-    listing = nft.list(f"table inet {table}")
-    return None if listing is None else difflib_.normalize(listing)
+def elements(plan: planlib.Plan) -> int:
+    return sum(len(p.slots) + 2 for p in plan.pools)
+
+
+def _exists(nft: Backend, table: str) -> bool:
+    """Cheap: `list tables` does not fetch any set's elements."""
+    listing = nft.list("tables")
+    return listing is not None and any(
+        t.get("table", {}).get("name") == table and t["table"].get("family") == "inet"
+        for t in json.loads(listing).get("nftables", []))
+
+
+@dataclass
+class Live:
+    """What is known of the live table."""
+
+    exists: bool
+    trusted: bool  # exactly what nftlb's last commit left
+    drift: str | None  # when not trusted: why, or what changed
+
+
+def inspect(nft: Backend, applied: state.Applied | None, table: str) -> Live:
+    if applied is None or applied.table != table:
+        if _exists(nft, table):
+            return Live(True, False, f"table inet {table} exists but the state dir has no record of nftlb "
+                                     "loading it; apply will replace it")
+        return Live(False, False, None)
+    if applied.version != __version__:
+        exists = _exists(nft, table)
+        return Live(exists, False, f"table inet {table} was loaded by nftlb {applied.version}; "
+                                   f"this is {__version__}: apply will reload it whole" if exists else None)
+    if applied.generation is not None and nft.generation() == applied.generation:
+        return Live(True, True, None)  # nothing committed since nftlb's own last commit
+    if applied.snapshot is not None:
+        listing = nft.list(f"table inet {table}")
+        if listing is None:
+            return Live(False, False, f"table inet {table} was deleted outside nftlb")
+        live = difflib_.normalize(listing)
+        if live == applied.snapshot:
+            return Live(True, True, None)  # other tables changed, ours did not
+        return Live(True, False, difflib_.drift_report(applied.snapshot, live))
+    if not _exists(nft, table):
+        return Live(False, False, f"table inet {table} was deleted outside nftlb")
+    return Live(True, False, f"nftables changed since nftlb's last commit (ruleset generation {applied.generation} "
+                             f"-> {nft.generation()}) and table inet {table} is too large to compare cheaply; "
+                             "apply will reload it whole")
+
+
+def _diff(want: Desired, applied: state.Applied | None, live: Live) -> difflib_.Diff:
+    """The operator's view: nftlb's rendering of what is live against the file's."""
+    old = applied_plan(applied) if applied is not None and applied.table == want.plan.table and live.exists else None
+    if old is not None:
+        when = datetime.fromtimestamp(applied.applied_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        base, label = render.ruleset(old), f"live: as loaded {when} from {applied.source}"
+    else:
+        base, label = "", (f"live: no table inet {want.plan.table}" if not live.exists
+                           else f"live: table inet {want.plan.table}, origin unknown")
+    changes = difflib_.unified(base, want.script, label, f"{want.source} (rendered)")
+    return difflib_.Diff(live.trusted and old == want.plan, changes, live.drift)
 
 
 def compare(path: str | Path, nft: Backend, state_dir: Path) -> tuple[Desired, difflib_.Diff]:
     want = desired(path, state_dir)
     applied = state.load(state_dir)
-    return want, difflib_.compare(want.script, want.plan.table, applied, snapshot(nft, want.plan.table), want.source)
+    return want, _diff(want, applied, inspect(nft, applied, want.plan.table))
 
 
 @dataclass
@@ -108,41 +186,38 @@ class Result:
         }
 
 
-def _applied_plan(applied: state.Applied) -> planlib.Plan | None:
-    """The plan nftlb built for the live generation (None if this version cannot read it)."""
-    try:
-        return planlib.build(_parse(applied.source_text, applied.source), planlib.Status.from_dict(applied.status))
-    except model.ConfigError:
-        return None
-
-
-def _live_plan(applied: state.Applied | None, table: str, seed: int) -> planlib.Plan | None:
-    """The plan behind the live table, when it can be trusted to be exactly that; else None."""
-    if applied is None or applied.table != table or applied.version != __version__:
-        return None
-    old = _applied_plan(applied)
-    if old is None or old.seed != seed or render.ruleset(old) != applied.ruleset:
-        return None
-    return old
-
-
-def _transaction(old: planlib.Plan | None, new: planlib.Plan, full: str) -> tuple[str, update.Changes | None]:
-    """The smallest script from `old` (None: unknown) to `new`, and its changes (None: whole table)."""
-    return (full, None) if old is None else update.script(old, new)
-
-
-def _record(nft: Backend, state_dir: Path, want: Desired, live: dict) -> None:
+def _commit(nft: Backend, state_dir: Path, want: Desired, old: planlib.Plan | None, *, check: bool = False,
+            retire: str | None = None) -> update.Changes | None:
+    """One transaction from `old` (None: unknown, replace the whole table) to `want`, then the record."""
+    if old is None:
+        script, changes = want.script, None
+    else:
+        script, changes = update.script(old, want.plan)
+    if retire:
+        script += f"delete table inet {retire}\n"  # we moved to a new table name: retire the old one
+    if check:
+        nft.run(script, check=True)
+        return changes
+    before = nft.generation()
+    nft.run(script)
+    after = nft.generation()
+    snapshot = None
+    if elements(want.plan) <= SNAPSHOT_LIMIT:
+        listing = nft.list(f"table inet {want.plan.table}")
+        snapshot = difflib_.normalize(listing) if listing is not None else None
     state.save(state_dir, state.Applied(
         table=want.plan.table, applied_at=time.time(), source=want.source, source_text=want.source_text,
         status=planlib.Status(want.status.down, want.status.drained, want.plan.last_in_use(want.status)).as_dict(),
-        ruleset=want.script, live=live, backend=nft.name, version=__version__,
+        generation=after if after == before + 1 else None,  # someone else committed in between: unsure
+        snapshot=snapshot, backend=nft.name, version=__version__,
     ))
+    return changes
 
 
 def apply(path: str | Path, nft: Backend, state_dir: Path, *, dry_run: bool = False) -> Result:
     """Bring our table to the state the file asks for (with the health view and drains), in one
-    kernel transaction: only the changed pools when the live table is what nftlb left, else
-    the whole table. Dry run: the diff, and the kernel's check of the transaction; no change."""
+    kernel transaction: only what changed when the live table is what nftlb left, else the
+    whole table. Dry run: the diff, and the kernel's check of the transaction; no change."""
     started = time.monotonic()
     text = model.read(path)
     _parse(text, str(path))  # a bad file never reaches the lock or the kernel
@@ -157,30 +232,27 @@ def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bo
     applied = state.load(state_dir)
     want = _desired(source, text, status_of(state_dir, applied))
     table = want.plan.table
-    live = snapshot(nft, table)
-    d = difflib_.compare(want.script, table, applied, live, source)
-    result = Result("in-sync", d, summary(want.plan))
-    if not d.in_sync:
-        trusted = applied is not None and live is not None and live == applied.live
-        old = _live_plan(applied, table, want.plan.seed) if trusted else None
-        script, changes = _transaction(old, want.plan, want.script)
-        if applied is not None and applied.table != table and nft.list(f"table inet {applied.table}") is not None:
-            script += f"delete table inet {applied.table}\n"  # we moved to a new table name: retire the old one
-        _pool_changes(result, applied, want.plan)
-        result.transaction = "whole table" if changes is None else f"{len(changes.add_pools)} pools"
+    live = inspect(nft, applied, table)
+    old = applied_plan(applied) if live.trusted else None
+    in_sync = live.trusted and old == want.plan
+    result = Result("in-sync", difflib_.Diff(in_sync, "", live.drift), summary(want.plan))
+    if not in_sync:
         if dry_run:
-            nft.run(script, check=True)
-            result.action = "dry-run"
-        else:
-            nft.run(script)
-            _record(nft, state_dir, want, snapshot(nft, table) or {})
-            result.action = "applied"
+            result.diff = _diff(want, applied, live)
+        _pool_changes(result, applied, want.plan)
+        retire = None
+        if applied is not None and applied.table != table and _exists(nft, applied.table):
+            retire = applied.table
+        changes = _commit(nft, state_dir, want, old, check=dry_run, retire=retire)
+        touched = len(result.pools_added) + len(result.pools_removed) + len(result.pools_changed)
+        result.transaction = "whole table" if changes is None else f"{touched} pools"
+        result.action = "dry-run" if dry_run else "applied"
     result.seconds = time.monotonic() - started
     return result
 
 
 def _pool_changes(result: Result, applied: state.Applied | None, new: planlib.Plan) -> None:
-    old = _applied_plan(applied) if applied is not None else planlib.Plan(new.table, new.seed, ())
+    old = applied_plan(applied) if applied is not None else planlib.Plan(new.table, new.seed, ())
     if old is None:  # written by another nftlb version; the ruleset diff still tells
         return
     before = {p.name: p for p in old.pools}
@@ -192,37 +264,28 @@ def _pool_changes(result: Result, applied: state.Applied | None, new: planlib.Pl
 
 @dataclass
 class Refresh:
-    changed: list[str]  # pools whose objects were rewritten
+    changed: list[str]  # pools whose part of the table was rewritten
     whole_table: bool
     plan: planlib.Plan
 
 
 def refresh(nft: Backend, state_dir: Path, *, whole_table: bool = False) -> Refresh:
     """Re-plan the applied file with the current health view and drains, and commit the difference:
-    one small transaction that rewrites only the affected pools (or the whole table when asked,
-    e.g. after a failed transaction). Must be called with the state lock held."""
+    one small transaction for the affected pools (the whole table when asked, e.g. after a failed
+    transaction, or when the live table may have been changed by someone else).
+    Must be called with the state lock held."""
     applied = state.load(state_dir)
     if applied is None:
         raise StateError(f"nothing applied yet in {state_dir}: run `nftlb apply FILE` first")
     want = _desired(applied.source, applied.source_text, status_of(state_dir, applied))
-    old = None if whole_table else _live_plan(applied, want.plan.table, want.plan.seed)
-    if old == want.plan:
+    old = applied_plan(applied)
+    if not whole_table and old == want.plan:
         return Refresh([], False, want.plan)
-    script, changes = _transaction(old, want.plan, want.script)
-    nft.run(script)
-    if changes is None:
-        live = snapshot(nft, want.plan.table) or {}
-        changed = [p.name for p in want.plan.pools]
-    else:
-        live = dict(applied.live)
-        for kind, name in changes.touched:  # patch the record object by object: no full listing
-            live.pop(f"{kind} {name}", None)
-            listing = nft.list(f"{kind} inet {want.plan.table} {name}")
-            if listing is not None:
-                live.update(difflib_.normalize(listing))
-        changed = [p.name for p in changes.add_pools]
-    _record(nft, state_dir, want, live)
-    return Refresh(changed, changes is None, want.plan)
+    trusted = not whole_table and inspect(nft, applied, want.plan.table).trusted
+    changes = _commit(nft, state_dir, want, old if trusted else None)
+    before = {p.name: p for p in (old.pools if old else ())}
+    changed = [p.name for p in want.plan.pools if before.get(p.name) != p]
+    return Refresh(changed if changes is not None else [p.name for p in want.plan.pools], changes is None, want.plan)
 
 
 def _find_backend(config: model.Config, pool_name: str, backend: str) -> str:
@@ -260,7 +323,7 @@ def remove(nft: Backend, state_dir: Path, table: str | None = None) -> str | Non
     with state.lock(state_dir):
         applied = state.load(state_dir)
         name = table or (applied.table if applied else DEFAULT_TABLE)
-        existed = nft.list(f"table inet {name}") is not None
+        existed = _exists(nft, name)
         if existed:
             nft.run(f"delete table inet {name}\n")
         if applied is not None and applied.table == name:

@@ -1,5 +1,5 @@
 """Desired state, pure: from a validated Config (and what is known of backends) to
-names, slot tables and element lists.
+slot tables, chain names and element lists.
 
 Nothing here touches the kernel or the file system.
 """
@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from functools import reduce
 from math import gcd
 
+from nftlb import maglev
 from nftlb.model import Config, IPAddress, Pool
+
+KINDS = {"hash": "hash", "source-hash": "srchash", "random": "random", "round-robin": "rr"}
 
 
 @dataclass(frozen=True)
@@ -54,20 +57,38 @@ class PoolPlan:
     protocol: str
     scheduler: str
     mode: str
+    persistence: int | None  # seconds a client stays on its backend after its last new connection
+    size: int  # slots in the pool's table: Maglev's prime M for hash schedulers
     backends: tuple[Endpoint, ...]  # every configured backend, canonical order
     backups: tuple[Endpoint, ...]  # configured as backup: used only while no primary is usable
     draining: tuple[Endpoint, ...]  # drained in the file or by the operator: no new connections
     down: tuple[Endpoint, ...]  # the health watcher says down
-    slots: tuple[Endpoint, ...]  # slot i of the pool's map -> backend; weights repeat a backend
+    slots: tuple[Endpoint, ...]  # the table: slot i -> backend (one entry: a plain DNAT; none: refused)
     fallback: str = ""  # "" | "backups" (no primary usable) | "keep-last" (nothing usable, set kept)
 
     @property
-    def chain(self) -> str:
-        return f"pool_{self.name}"
+    def fam(self) -> str:
+        return "4" if self.family == "ip" else "6"
 
     @property
-    def slot_map(self) -> str:
-        return f"pool_{self.name}_slots"
+    def kind(self) -> str:
+        """How a new connection picks its backend: direct | hash | srchash | random | rr ("": refused)."""
+        if not self.slots:
+            return ""
+        return "direct" if len(self.slots) == 1 else KINDS[self.scheduler]
+
+    @property
+    def chain(self) -> str:
+        """The chain the services map sends this pool's new connections to."""
+        kind = self.kind
+        if not kind:
+            return ""  # refused: no chain
+        if kind == "direct":
+            return f"direct{self.fam}_{self.protocol}"
+        if kind == "rr":  # numgen inc keeps its counter per rule: a chain of its own
+            return f"rr_{self.name}"
+        sticky = f"_p{self.persistence}" if self.persistence else ""
+        return f"{kind}{self.fam}_{self.protocol}_{len(self.slots)}{sticky}"
 
     @property
     def service(self) -> str:
@@ -75,7 +96,9 @@ class PoolPlan:
 
     @property
     def active(self) -> tuple[Endpoint, ...]:
-        return tuple(dict.fromkeys(self.slots))
+        """Backends taking new connections, in canonical order."""
+        used = set(self.slots)
+        return tuple(b for b in self.backends if b in used)
 
 
 @dataclass(frozen=True)
@@ -92,11 +115,20 @@ class Plan:
         """Pools of `family` with no backend for new connections: refused, not black-holed."""
         return [p for p in self.pools if p.family == family and not p.slots]
 
-    def masquerading(self, family: str) -> list[tuple[PoolPlan, Endpoint]]:
-        return [(p, b) for p in self.pools if p.family == family and p.mode == "masquerade" for b in p.backends]
-
     def pool(self, name: str) -> PoolPlan | None:
         return next((p for p in self.pools if p.name == name), None)
+
+    def group_chains(self) -> dict[str, PoolPlan]:
+        """Shared chains in use (hash, source-hash and random pools), each with one pool as example."""
+        return {p.chain: p for p in self.pools if p.kind in ("hash", "srchash", "random")}
+
+    def sticky(self) -> dict[tuple[str, str, int], list[PoolPlan]]:
+        """(fam, protocol, seconds) -> pools with that persistence: one dynamic map each."""
+        out: dict[tuple[str, str, int], list[PoolPlan]] = {}
+        for p in self.pools:
+            if p.persistence:
+                out.setdefault((p.fam, p.protocol, p.persistence), []).append(p)
+        return out
 
     def last_in_use(self, before: Status) -> dict[str, tuple[str, ...]]:
         """keep-last memory after this plan is committed: each pool's backends in use."""
@@ -114,26 +146,40 @@ def build(config: Config, status: Status = Status()) -> Plan:
 
 
 def _pool(pool: Pool, status: Status) -> PoolPlan:
-    ordered = sorted(pool.backends, key=lambda b: b.key)  # file order never changes the hash mapping
+    ordered = sorted(pool.backends, key=lambda b: b.key)  # file order never changes the mapping
     ep = {id(b): Endpoint(b.address, b.port) for b in ordered}
-    drained = {id(b) for b in ordered if b.state == "drain" or (pool.name, ep[id(b)].display) in status.drained}
-    down = {id(b) for b in ordered if (pool.name, ep[id(b)].display) in status.down}
+    name = {id(b): ep[id(b)].display for b in ordered}
+    drained = {id(b) for b in ordered if b.state == "drain" or (pool.name, name[id(b)]) in status.drained}
+    down = {id(b) for b in ordered if (pool.name, name[id(b)]) in status.down}
+    primaries = [b for b in ordered if not b.backup] or ordered  # all backups: they are the primaries
+    backups = [b for b in ordered if b.backup and b not in primaries]
 
     def usable(group):
         return [b for b in group if id(b) not in drained and id(b) not in down]
 
-    primaries = [b for b in ordered if not b.backup]
-    backups = [b for b in ordered if b.backup]
-    chosen, fallback = usable(primaries), ""
+    group, chosen, fallback = primaries, usable(primaries), ""
     if not chosen and usable(backups):
-        chosen, fallback = usable(backups), "backups"
+        group, chosen, fallback = backups, usable(backups), "backups"
     if not chosen and pool.when_all_down == "keep-last":
         candidates = [b for b in ordered if id(b) not in drained]  # the operator's drain always wins
         last = set(status.last.get(pool.name, ()))
-        chosen = [b for b in candidates if ep[id(b)].display in last] or (
+        chosen = [b for b in candidates if name[id(b)] in last] or (
             [b for b in candidates if not b.backup] or candidates  # nothing remembered: fail open
         )
+        group = primaries if all(not b.backup for b in chosen) else ordered
         fallback = "keep-last" if chosen else ""
+
+    if pool.scheduler in ("hash", "source-hash"):
+        size = pool.table_size or maglev.default_size(tuple(b.weight for b in group))
+        if len(chosen) > 1:
+            out = {name[id(b)] for b in group} - {name[id(b)] for b in chosen}
+            by_name = {name[id(b)]: ep[id(b)] for b in group}
+            slots = tuple(by_name[n] for n in maglev.table(size, [(name[id(b)], b.weight) for b in group], out))
+        else:
+            slots = tuple(ep[id(b)] for b in chosen)
+    else:
+        slots = slot_table([(ep[id(b)], b.weight) for b in chosen])
+        size = len(slots)
     return PoolPlan(
         name=pool.name,
         family=pool.family,
@@ -142,11 +188,13 @@ def _pool(pool: Pool, status: Status) -> PoolPlan:
         protocol=pool.protocol,
         scheduler=pool.scheduler,
         mode=pool.mode,
+        persistence=pool.persistence,
+        size=size,
         backends=tuple(ep[id(b)] for b in ordered),
         backups=tuple(ep[id(b)] for b in backups),
         draining=tuple(ep[id(b)] for b in ordered if id(b) in drained),
         down=tuple(ep[id(b)] for b in ordered if id(b) in down),
-        slots=slot_table([(ep[id(b)], b.weight) for b in chosen]),
+        slots=slots,
         fallback=fallback,
     )
 

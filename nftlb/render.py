@@ -67,6 +67,11 @@ def macros():
     return environment().get_template("macros.nft.j2").module
 
 
+def chain_rules(p, seed: int) -> str:
+    """The rules of the chain that picks backends for pool `p`."""
+    return str(macros().pick_rules(p, seed))
+
+
 def update(table: str, seed: int, changes) -> str:
     """A small transaction applying `changes` (nftlb.update.Changes) to the live table."""
     return environment().get_template("update.nft.j2").render(table=table, seed=seed, changes=changes)

@@ -1,8 +1,9 @@
 """The state dir: what nftlb last loaded, the health view, operator overrides, and locks.
 
 Layout (dir 0700, files 0600, every file written atomically):
-  applied.json    the generation in the kernel: source file text, the status it was built
-                  with, the rendered ruleset, and the normalized listing of our table
+  applied.json    what is live: the pools file's text and the status (health, drains) the
+                  table was built from, the kernel's ruleset generation after nftlb's last
+                  commit, and (for tables small enough to list cheaply) a normalized listing
   health.json     the watcher's view: per backend up/down, streaks, since, last probe
   overrides.json  operator drains (`nftlb drain`), kept across restarts and re-applies
   lock            flock()ed around every change to the kernel or to these files
@@ -37,8 +38,8 @@ class Applied:
     source: str  # path of the pools file as given
     source_text: str
     status: dict  # nftlb.plan.Status.as_dict() the live plan was built with
-    ruleset: str  # the whole-table script of the live plan
-    live: dict  # normalized JSON listing of the table as nftlb left it
+    generation: int | None  # the kernel's ruleset generation right after that change (None: unsure)
+    snapshot: dict | None  # normalized JSON listing of the table then (None: too large to list cheaply)
     backend: str
     version: str
 

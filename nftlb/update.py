@@ -1,9 +1,10 @@
 """Pure: what must change in the live table to go from one plan to another.
 
-Used by `apply` when the live table is exactly what nftlb last loaded, and by the
-health watcher and `drain`/`enable`: only the pools that changed are rewritten, and
-only the elements that changed in the shared maps and sets. Everything else, the
-other pools' chains and maps included, is left alone.
+Used by `apply` when the live table is exactly what nftlb last loaded, and by the health
+watcher and `drain`/`enable`. Only the pools that changed are looked at: their elements
+in the shared maps and sets are deleted or added one by one, and the chains and maps
+that exist for some pools only are created or removed as pools start or stop using them.
+The other pools' elements are not touched.
 """
 
 from __future__ import annotations
@@ -11,44 +12,50 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nftlb import render
-from nftlb.plan import Plan
+from nftlb.plan import Plan, PoolPlan
 
 
 @dataclass
 class Changes:
     delete_elements: list[tuple[str, list[str]]] = field(default_factory=list)  # (set or map, keys)
-    flush_chains: list[str] = field(default_factory=list)
-    delete_maps: list[str] = field(default_factory=list)
+    flush_chains: list[str] = field(default_factory=list)  # emptied, then refilled or deleted
     delete_chains: list[str] = field(default_factory=list)
-    add_pools: list = field(default_factory=list)  # PoolPlans whose map and chain are (re)created
+    delete_maps: list[str] = field(default_factory=list)
+    delete_sets: list[str] = field(default_factory=list)
+    add_sticky: list[tuple[str, str, int]] = field(default_factory=list)  # (fam, protocol, seconds)
+    add_chains: list[tuple[str, PoolPlan]] = field(default_factory=list)  # (chain, a pool it picks for)
+    remember: Plan | None = None  # the plan whose persistence rules fill chain `remember`
     add_elements: list[tuple[str, list[str]]] = field(default_factory=list)  # (set or map, elements)
 
     def __bool__(self) -> bool:
-        return any((self.delete_elements, self.flush_chains, self.delete_maps, self.delete_chains,
-                    self.add_pools, self.add_elements))
-
-    @property
-    def touched(self) -> list[tuple[str, str]]:
-        """(kind, name) of every object this transaction creates, changes or deletes."""
-        out = [("map" if n.startswith("services") else "set", n) for n, _ in self.delete_elements + self.add_elements]
-        out += [("chain", c) for c in self.flush_chains + self.delete_chains]
-        out += [("map", m) for m in self.delete_maps]
-        for p in self.add_pools:
-            out.append(("chain", p.chain))
-            if len(p.slots) > 1:
-                out.append(("map", p.slot_map))
-        return list(dict.fromkeys(out))
+        return any((self.delete_elements, self.flush_chains, self.delete_chains, self.delete_maps,
+                    self.delete_sets, self.add_sticky, self.add_chains, self.remember, self.add_elements))
 
 
-def _elements(plan: Plan) -> dict[str, dict[str, str]]:
-    """Shared maps and sets: name -> {key: element}."""
+def contribution(p: PoolPlan) -> dict[str, dict[str, str]]:
+    """A pool's elements: object name -> {key: element} (the key is what `delete element` takes)."""
     m = render.macros()
-    out = {}
-    for family, n in (("ip", "4"), ("ip6", "6")):
-        out[f"services{n}"] = {m.service_key(p): m.service_element(p) for p in plan.serving(family)}
-        out[f"masquerade{n}"] = {e: e for e in (m.masquerade_element(p, b) for p, b in plan.masquerading(family))}
-        out[f"refuse{n}"] = {e: e for e in (m.service_key(p) for p in plan.refusing(family))}
+    out: dict[str, dict[str, str]] = {}
+    if p.slots:
+        out[f"services{p.fam}"] = {m.service_key(p): m.service_element(p)}
+    else:
+        out[f"refuse{p.fam}"] = {m.service_key(p): m.refuse_element(p)}
+    if p.kind == "direct":
+        out[f"direct{p.fam}_{p.protocol}"] = {m.vip_key(p): m.direct_element(p)}
+    elif p.slots:
+        out[f"slots{p.fam}_{p.protocol}"] = {m.slot_key(p, i): m.slot_element(p, i, b) for i, b in enumerate(p.slots)}
+    if p.mode == "masquerade":
+        out[f"masquerade{p.fam}_{p.protocol}"] = {m.vip_key(p): m.named_key(p)}
+    if p.persistence:
+        out[f"persist{p.fam}_{p.protocol}_{p.persistence}"] = {m.vip_key(p): m.named_key(p)}
     return out
+
+
+def _chains(plan: Plan) -> dict[str, PoolPlan]:
+    """Chains that exist for some pools only: shared pick chains and round-robin chains."""
+    chains = dict(plan.group_chains())
+    chains.update({p.chain: p for p in plan.pools if p.kind == "rr"})
+    return chains
 
 
 def changes(old: Plan, new: Plan) -> Changes:
@@ -57,25 +64,44 @@ def changes(old: Plan, new: Plan) -> Changes:
         raise ValueError("table or seed changed: replace the whole table instead")
     c = Changes()
     before, after = {p.name: p for p in old.pools}, {p.name: p for p in new.pools}
-    for name, p in before.items():
-        q = after.get(name)
-        if q == p:
+    was: dict[str, dict[str, str]] = {}
+    now: dict[str, dict[str, str]] = {}
+    for name in before.keys() | after.keys():
+        p, q = before.get(name), after.get(name)
+        if p == q:
             continue
-        c.flush_chains.append(p.chain)
-        if len(p.slots) > 1:
-            c.delete_maps.append(p.slot_map)
-        if q is None:
-            c.delete_chains.append(p.chain)
-    c.add_pools = [q for name, q in after.items() if before.get(name) != q]
-    old_elements, new_elements = _elements(old), _elements(new)
-    for name, was in old_elements.items():
-        now = new_elements[name]
-        gone = [key for key, element in was.items() if now.get(key) != element]
-        came = [element for key, element in now.items() if was.get(key) != element]
+        for obj, items in (contribution(p) if p else {}).items():
+            was.setdefault(obj, {}).update(items)
+        for obj, items in (contribution(q) if q else {}).items():
+            now.setdefault(obj, {}).update(items)
+    for obj in sorted(was.keys() | now.keys()):
+        old_items, new_items = was.get(obj, {}), now.get(obj, {})
+        gone = [k for k, e in old_items.items() if new_items.get(k) != e]
+        came = [e for k, e in new_items.items() if old_items.get(k) != e]
         if gone:
-            c.delete_elements.append((name, gone))
+            c.delete_elements.append((obj, gone))
         if came:
-            c.add_elements.append((name, came))
+            c.add_elements.append((obj, came))
+
+    old_chains, new_chains = _chains(old), _chains(new)
+    for name, p in old_chains.items():
+        q = new_chains.get(name)
+        if q is None:
+            c.flush_chains.append(name)
+            c.delete_chains.append(name)
+        elif render.chain_rules(p, old.seed) != render.chain_rules(q, new.seed):
+            c.flush_chains.append(name)
+            c.add_chains.append((name, q))
+    c.add_chains += [(name, q) for name, q in new_chains.items() if name not in old_chains]
+
+    old_sticky, new_sticky = set(old.sticky()), set(new.sticky())
+    if old_sticky != new_sticky:
+        c.flush_chains.insert(0, "remember")
+        c.remember = new
+        for f, proto, secs in sorted(old_sticky - new_sticky):
+            c.delete_sets.append(f"persist{f}_{proto}_{secs}")
+            c.delete_maps.append(f"sticky{f}_{proto}_{secs}")
+        c.add_sticky = sorted(new_sticky - old_sticky)
     return c
 
 

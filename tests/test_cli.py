@@ -84,12 +84,13 @@ def test_diff_apply_in_sync_cycle(run, kernel, tmp_path):
 
     code, out, _ = run("diff", "--json", ROOT / "rules" / "weighted.yaml")
     doc = json.loads(out)
-    assert code == 1 and doc["in_sync"] is False and "+\t# pool app" in doc["changes"]
+    assert code == 1 and doc["in_sync"] is False and 'comment "app"' in doc["changes"]
 
 
 def test_drift_is_reported_and_repaired(run, kernel):
     assert run("apply", WEB)[0] == 0
     kernel.tables["nftlb"]["chain sneaky"] = {"decl": [], "rules": []}
+    kernel.commits += 1  # as every change to nftables does
     code, out, _ = run("diff", WEB)
     assert code == 1 and "drift" in out and "chain sneaky: added outside nftlb" in out
     assert run("apply", WEB)[0] == 0

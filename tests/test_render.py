@@ -33,31 +33,34 @@ def test_replaces_only_its_own_table_in_one_script():
     assert "flush" not in text
 
 
-def test_dispatch_is_one_vmap_lookup_per_family_whatever_the_pool_count():
+def test_dispatch_and_objects_do_not_grow_with_the_pool_count():
     pools = "".join(f"  - {{name: p{i}, vip: 198.51.100.{i}, port: 80, backends: [10.0.0.1, 10.0.0.2]}}\n"
                     for i in range(1, 60))
     text = rendered("pools:\n" + pools)
     assert text.count("vmap @services4") == 2  # prerouting and output, not one rule per pool
-    assert len(re.findall(r"198\.51\.100\.\d+ \. tcp \. 80 : goto pool_p\d+", text)) == 59
+    assert len(re.findall(r"198\.51\.100\.\d+ \. tcp \. 80 comment \"p\d+\" : goto hash4_tcp_53", text)) == 59
+    assert text.count("\tchain ") == 13 and text.count("\tmap ") == 10  # the same for 1 pool or 10,000
+    assert len(re.findall(r"198\.51\.100\.\d+ \. 80 \. \d+ : 10\.0\.0\.[12] \. 80", text)) == 59 * 53
 
 
 def test_schedulers_seed_and_single_backend():
     text = rendered("""
 seed: 0xabc
 pools:
-  - {name: h, vip: 198.51.100.1, port: 80, backends: [10.0.0.1, 10.0.0.2]}
-  - {name: s, vip: 198.51.100.2, port: 80, scheduler: source-hash, backends: [10.0.0.1, 10.0.0.2]}
+  - {name: h, vip: 198.51.100.1, port: 80, backends: [10.0.0.1, 10.0.0.2], table_size: 7}
+  - {name: s, vip: 198.51.100.2, port: 80, scheduler: source-hash, backends: [10.0.0.1, 10.0.0.2], table_size: 7}
   - {name: r, vip: 198.51.100.3, port: 53, protocol: udp, scheduler: round-robin, backends: [10.0.0.1, 10.0.0.2]}
   - {name: n, vip: 198.51.100.4, port: 80, scheduler: random, backends: [10.0.0.1, 10.0.0.2]}
   - {name: one, vip: "2001:db8::1", port: 80, backends: ["[fd00::1]:8080", {address: "fd00::2", state: drain}]}
+  - {name: six, vip: "2001:db8::2", port: 80, backends: ["fd00::1", "fd00::2"], table_size: 7}
 """)
-    assert ("meta l4proto tcp dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 2 seed 0xabc "
-            "map @pool_h_slots") in text
-    assert "meta l4proto tcp dnat ip to jhash ip saddr mod 2 seed 0xabc map @pool_s_slots" in text
-    assert "meta l4proto udp dnat ip to numgen inc mod 2 map @pool_r_slots" in text
-    assert "meta l4proto tcp dnat ip to numgen random mod 2 map @pool_n_slots" in text
-    assert "meta l4proto tcp dnat ip6 to [fd00::1]:8080\n" in text
-    assert "pool_one_slots" not in text
+    assert ("chain hash4_tcp_7 {\n\t\tmeta l4proto tcp dnat ip to ip daddr . tcp dport . jhash ip saddr . tcp sport "
+            ". ip daddr . tcp dport mod 7 seed 0xabc map @slots4_tcp\n") in text
+    assert "dnat ip to ip daddr . tcp dport . jhash ip saddr mod 7 seed 0xabc map @slots4_tcp" in text
+    assert "chain rr_r {\n\t\tmeta l4proto udp dnat ip to ip daddr . udp dport . numgen inc mod 2 map @slots4_udp" in text
+    assert "dnat ip to ip daddr . tcp dport . numgen random mod 2 map @slots4_tcp" in text
+    assert 'elements = { 2001:db8::1 . 80 comment "one" : fd00::1 . 8080 }' in text  # direct6_tcp
+    assert "dnat ip6 to ip6 daddr . tcp dport . jhash ip6 saddr . tcp sport mod 7 seed 0xabc map @slots6_tcp" in text
     assert "set refuse4 {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t}" in text  # nothing refused
 
 
@@ -66,19 +69,23 @@ def test_all_drained_pool_is_refused_not_blackholed():
 pools:
   - {name: down, vip: 198.51.100.1, port: 80, backends: [{address: 10.0.0.1, state: drain}]}
 """)
-    assert "goto pool_down" not in text
-    assert "elements = { 198.51.100.1 . tcp . 80 }" in text
+    assert "goto" not in text
+    assert 'elements = { 198.51.100.1 . tcp . 80 comment "down" }' in text
     for hook in ("input", "forward", "output"):
         assert f"type filter hook {hook} priority filter; policy accept;" in text
     assert "reject with tcp reset" in text
 
 
-def test_masquerade_elements():
+def test_masquerade_and_persistence_elements():
     text = rendered("""
 pools:
-  - {name: m, vip: 198.51.100.1, port: 80, mode: masquerade, backends: [10.0.0.1:8080, 10.0.0.2:8080]}
+  - {name: m, vip: 198.51.100.1, port: 80, mode: masquerade, persistence: 90s, backends: [10.0.0.1:8080, 10.0.0.2:8080]}
 """)
-    assert "elements = { 198.51.100.1 . tcp . 10.0.0.1 . 8080,\n\t\t\t     198.51.100.1 . tcp . 10.0.0.2 . 8080 }" in text
+    assert 'set masquerade4_tcp {\n\t\ttypeof ip daddr . tcp dport\n\t\telements = { 198.51.100.1 . 80 comment "m" }' in text
+    assert "map sticky4_tcp_90 {" in text and "timeout 90s" in text
+    assert "update @sticky4_tcp_90 { ct original ip saddr . ct original ip daddr . ct original proto-dst : " \
+           "ip daddr . tcp dport }" in text
+    assert "chain hash4_tcp_53_p90 {\n\t\tdnat ip to ip saddr . ip daddr . tcp dport map @sticky4_tcp_90\n" in text
 
 
 def test_identifiers_are_checked_again_at_render_time():

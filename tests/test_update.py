@@ -27,19 +27,49 @@ def test_one_backend_down_touches_only_its_pool():
     old = build(WEB)
     new = build(WEB, down=frozenset({("web", "10.0.0.2:80")}))
     script, c = update.script(old, new)
-    assert [p.name for p in c.add_pools] == ["web"]
-    assert c.flush_chains == ["pool_web"] and c.delete_maps == ["pool_web_slots"]
-    assert c.delete_elements == [] and c.add_elements == []
-    assert "pool_api" not in script and "pool_dns" not in script and "delete table" not in script
-    assert sorted(c.touched) == [("chain", "pool_web"), ("map", "pool_web_slots")]
+    [(obj, gone)] = c.delete_elements
+    [(obj2, came)] = c.add_elements
+    assert obj == obj2 == "slots4_tcp"
+    assert all(k.startswith("198.51.100.1 . 80 . ") for k in gone)  # only web's slots
+    assert len(gone) == len(came) < new.pool("web").size  # only the slots that changed owner
+    assert all(e.endswith(("10.0.0.1 . 80", "10.0.0.3 . 80")) for e in came)
+    assert not (c.flush_chains or c.delete_chains or c.add_chains or c.delete_maps)
+    assert "443" not in script and "delete table" not in script
+
+
+def test_maglev_moves_only_the_down_backends_slots():
+    old, new = build(WEB).pool("web"), build(WEB, down=frozenset({("web", "10.0.0.2:80")})).pool("web")
+    moved = [i for i, (a, b) in enumerate(zip(old.slots, new.slots)) if a != b]
+    assert moved and all(str(old.slots[i].address) == "10.0.0.2" for i in moved)
 
 
 def test_last_backend_down_moves_the_pool_from_services_to_refuse():
     old = build(WEB)
     new = build(WEB, down=frozenset({("dns", "10.0.0.1:53")}))
     _, c = update.script(old, new)
-    assert c.delete_elements == [("services4", ["198.51.100.2 . udp . 53"])]
-    assert c.add_elements == [("refuse4", ["198.51.100.2 . udp . 53"])]
+    assert c.delete_elements == [("direct4_udp", ["198.51.100.2 . 53"]), ("services4", ["198.51.100.2 . udp . 53"])]
+    assert c.add_elements == [("refuse4", ['198.51.100.2 . udp . 53 comment "dns"'])]
+
+
+def test_a_chain_used_by_no_pool_goes_and_a_new_one_comes():
+    old = build(WEB)
+    new = build(WEB.replace("port: 443, backends", "port: 443, scheduler: random, backends"))
+    _, c = update.script(old, new)
+    assert [name for name, _ in c.add_chains] == ["random4_tcp_2"]
+    assert c.delete_chains == ["hash4_tcp_53"]  # api's, while hash4_tcp_41 still serves web
+    _, back = update.script(new, old)
+    assert back.delete_chains == ["random4_tcp_2"] and back.flush_chains == ["random4_tcp_2"]
+    assert [name for name, _ in back.add_chains] == ["hash4_tcp_53"]
+
+
+def test_persistence_groups_come_and_go_with_their_objects():
+    old = build(WEB)
+    new = build(WEB.replace("port: 443, backends", "port: 443, persistence: 1m, backends"))
+    script, c = update.script(old, new)
+    assert c.add_sticky == [("4", "tcp", 60)] and c.flush_chains[0] == "remember"
+    assert "map sticky4_tcp_60" in script and "update @sticky4_tcp_60" in script
+    script, c = update.script(new, old)
+    assert c.delete_maps == ["sticky4_tcp_60"] and c.delete_sets == ["persist4_tcp_60"]
 
 
 def test_no_change_no_script():

@@ -39,6 +39,10 @@ pools:
 """
 
 
+VIPS = {"web": ("198.51.100.10", 80, "tcp"), "dns": ("198.51.100.53", 53, "udp"),
+        "last": ("198.51.100.20", 80, "tcp")}
+
+
 class Clock:
     def __init__(self):
         self.t = 1000.0
@@ -75,16 +79,21 @@ class World:
             self.clock.t += 1.0
         return out
 
-    def slots(self, pool):
+    def slots(self, pool, port=None):
+        """Backends taking new connections in `pool`, read back from the (fake) kernel."""
+        vip, configured, proto = VIPS[pool]
+        port = port or configured
         live = normalize(self.kernel.list("table inet nftlb"))
-        slots = live.get(f"map pool_{pool}_slots")
-        if slots:
-            return sorted({e.split(" : ")[1] for e in slots["elem"]})
-        rules = live[f"chain pool_{pool}"].get("rules", [])
-        return [rules[0]["text"].split(" to ")[1].replace(":", " . ")] if rules else []
+        out = set()
+        for name in (f"map slots4_{proto}", f"map direct4_{proto}"):
+            for e in live[name].get("elem", []):
+                key, _, backend = e.partition(" : ")
+                if key.startswith(f"{vip} . {port} . ") or key.startswith(f"{vip} . {port} comment"):
+                    out.add(backend)
+        return sorted(out)
 
     def refused(self):
-        return normalize(self.kernel.list("table inet nftlb"))["set refuse4"]["elem"]
+        return [e.split(" comment")[0] for e in normalize(self.kernel.list("table inet nftlb"))["set refuse4"].get("elem", [])]
 
 
 def test_fall_then_rise_one_transaction_each(tmp_path):
@@ -171,7 +180,7 @@ def test_reapply_does_not_resurrect_a_down_backend(tmp_path):
     edited = POOLS.replace("port: 80\n    backends:\n      - 10.0.0.11", "port: 81\n    backends:\n      - 10.0.0.11", 1)
     world.file.write_text(edited)
     r = ops.apply(world.file, world.kernel, world.state_dir)
-    assert r.action == "applied" and r.transaction == "1 pools" and world.slots("web") == ["10.0.0.11 . 8080"]
+    assert r.action == "applied" and r.transaction == "1 pools" and world.slots("web", port=81) == ["10.0.0.11 . 8080"]
 
 
 def test_failed_transaction_is_retried_with_the_whole_table(tmp_path, caplog):
