@@ -11,6 +11,10 @@ JSON on stdout:
         {"backends": {"b1": n, ...}, "failed": k, "errors": [...],
          "peers": {"b1": ["192.0.2.2"], ...}}
 
+``ports-http VIP PORT FIRST_SPORT COUNT TIMEOUT``
+    One connection from each source port FIRST_SPORT.. (one GET each); prints
+    ``{"answers": [[sport, backend or null], ...]}``: where each 4-tuple went.
+
 ``spread-udp VIP PORT COUNT TIMEOUT [FIRST_SPORT]``
     COUNT datagrams, each from a new socket with a new source port.  Same
     output.  With FIRST_SPORT the sockets are bound to FIRST_SPORT,
@@ -106,6 +110,23 @@ def spread_http(vip: str, port: int, count: int, timeout: float) -> dict:
         finally:
             conn.close()
     return res.as_dict()
+
+
+def ports_http(vip: str, port: int, first_sport: int, count: int, timeout: float) -> dict:
+    """One connection (one GET, Connection: close) from each source port first_sport..+count-1.
+
+    Returns {"answers": [[sport, backend or null], ...]}: which backend each 4-tuple reached.
+    """
+    answers = []
+    for sport in range(first_sport, first_sport + count):
+        conn = http.client.HTTPConnection(_host(vip), port, timeout=timeout, source_address=("", sport))
+        try:
+            answers.append([sport, _get(conn, close=True)["backend"]])
+        except Exception:  # noqa: BLE001 - a failed connection is an answer too
+            answers.append([sport, None])
+        finally:
+            conn.close()
+    return {"answers": answers}
 
 
 def _bind_next(sock: socket.socket, family: int, sport: int) -> int:
@@ -230,6 +251,9 @@ def main(argv=None) -> int:
             vip, port, count, timeout = args[:4]
             first_sport = int(args[4]) if len(args) > 4 else None
             _emit(spread_udp(vip, int(port), int(count), float(timeout), first_sport))
+        elif cmd == "ports-http":
+            vip, port, first, count, timeout = args
+            _emit(ports_http(vip, int(port), int(first), int(count), float(timeout)))
         elif cmd == "keepalive":
             vip, port, n = args[:3]
             timeout = float(args[3]) if len(args) > 3 else 5.0

@@ -293,6 +293,51 @@ def systemd(
                "  (or, instead, the timer: systemctl enable --now nftlb-watch-once.timer)")
 
 
+@app.command()
+def explain(
+    file: FileArg,
+    pool: PoolArg,
+    client: Annotated[Optional[str], typer.Option("--client", help="ADDR or ADDR:PORT ([V6]:PORT): where does it go?")] = None,
+    state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+    as_json: JsonOpt = False,
+) -> None:
+    """Show how a pool picks backends: its table, each backend's share, and where a client goes
+    (computed with the kernel's jhash, so it is what the kernel will do).
+
+    \b
+    Example:
+      nftlb explain pools.yaml web --client 203.0.113.7:51000
+    """
+    _Opts.json = as_json
+    who = _client(client) if client else None
+    e = ops.explain(file, pool, state_dir if state_dir.exists() else None, who)
+    lines = [f"pool {e['pool']}: {e['service']}, {e['scheduler']}"
+             + (f" (seed {e['seed']:#x})" if e["kind"] in ("hash", "srchash") else "")
+             + (f", Maglev table of {e['table_size']} slots" if e["kind"] in ("hash", "srchash") else
+                f", {e['table_size']} slots" if e["kind"] in ("rr", "random") else
+                ", a plain DNAT" if e["kind"] == "direct" else ", refusing new connections")
+             + (f", persistence {e['persistence']}s" if e["persistence"] else "")]
+    width = max(len(r["backend"]) for r in e["backends"])
+    lines.append(f"  {'backend':{width}}  weight  slots   share  state")
+    lines += [f"  {r['backend']:{width}}  {r['weight']:6d}  {r['slots']:5d}  {r['share']:6.1%}  {r['state']}"
+              for r in e["backends"]]
+    if "client" in e:
+        c = e["client"]
+        who_ = f"{c['address']}:{c['port']}" if c["port"] is not None else c["address"]
+        lines.append(f"client {who_} -> " + (f"slot {c['slot']} -> {c['backend']}" if c["slot"] is not None and
+                                               e["kind"] != "direct" else c["backend"] or c["why"]))
+    _out(as_json, e, "\n".join(lines) + "\n")
+
+
+def _client(text: str) -> tuple[str, int | None]:
+    try:
+        parsed = model._parse_short(text)
+        model._address(parsed["address"], "client")
+    except ValueError as e:
+        raise UsageError(f"--client {text!r}: {e}") from None
+    return parsed["address"].strip("[]"), parsed.get("port")
+
+
 def _logging() -> None:
     """One line per event on stderr: journald adds time and unit; the level leads when it matters."""
     handler = logging.StreamHandler(sys.stderr)

@@ -22,9 +22,9 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
-from nftlb import __version__, diff as difflib_, model, plan as planlib, render, state, update
+from nftlb import __version__, diff as difflib_, maglev, model, plan as planlib, render, state, update
 from nftlb.backend import Backend
-from nftlb.errors import StateError, UsageError
+from nftlb.errors import KernelError, StateError, UsageError
 from nftlb.model import DEFAULT_TABLE
 
 SNAPSHOT_LIMIT = 20_000  # elements: listing a larger table costs seconds, so only the generation is kept
@@ -200,6 +200,9 @@ def _commit(nft: Backend, state_dir: Path, want: Desired, old: planlib.Plan | No
         return changes
     before = nft.generation()
     nft.run(script)
+    commits = 1
+    if changes is not None and old is not None:
+        commits += _forget(nft, want.plan.table, update.losers(old, want.plan))
     after = nft.generation()
     snapshot = None
     if elements(want.plan) <= SNAPSHOT_LIMIT:
@@ -208,10 +211,45 @@ def _commit(nft: Backend, state_dir: Path, want: Desired, old: planlib.Plan | No
     state.save(state_dir, state.Applied(
         table=want.plan.table, applied_at=time.time(), source=want.source, source_text=want.source_text,
         status=planlib.Status(want.status.down, want.status.drained, want.plan.last_in_use(want.status)).as_dict(),
-        generation=after if after == before + 1 else None,  # someone else committed in between: unsure
+        generation=after if after == before + commits else None,  # someone else committed in between: unsure
         snapshot=snapshot, backend=nft.name, version=__version__,
     ))
     return changes
+
+
+def _remembered(nft: Backend, table: str, lost) -> dict[str, list]:
+    """Clients the persistence maps of `lost` pools hold: map -> [(client, vip, port, addr, port)]."""
+    out: dict[str, list] = {}
+    for q, _ in lost.values():
+        name = f"sticky{q.fam}_{q.protocol}_{q.persistence}"
+        if name in out:
+            continue
+        listing = nft.list(f"map inet {table} {name}")
+        entries = []
+        for obj in json.loads(listing or "{}").get("nftables", []):
+            for key, value in obj.get("map", {}).get("elem", []):
+                key = key.get("elem", {}).get("val", key)
+                client, vip, port = key["concat"]
+                address, bport = value["concat"]
+                entries.append((client, vip, port, address, bport))
+        out[name] = entries
+    return out
+
+
+def _forget(nft: Backend, table: str, lost) -> int:
+    """Forget persisted clients of backends that left their pool; they expire anyway, so a
+    race with an expiry is retried with a fresh listing, and then given up.
+    Returns the transactions committed (0 or 1)."""
+    for _ in range(3 if lost else 0):
+        script = update.forget(table, _remembered(nft, table, lost), lost)
+        if not script:
+            return 0
+        try:
+            nft.run(script)
+            return 1
+        except KernelError:
+            continue
+    return 0
 
 
 def apply(path: str | Path, nft: Backend, state_dir: Path, *, dry_run: bool = False) -> Result:
@@ -286,6 +324,42 @@ def refresh(nft: Backend, state_dir: Path, *, whole_table: bool = False) -> Refr
     before = {p.name: p for p in (old.pools if old else ())}
     changed = [p.name for p in want.plan.pools if before.get(p.name) != p]
     return Refresh(changed if changes is not None else [p.name for p in want.plan.pools], changes is None, want.plan)
+
+
+def explain(path: str | Path, pool_name: str, state_dir: Path | None = None,
+            client: tuple[str, int | None] | None = None) -> dict:
+    """How a pool picks: its table, each backend's share, and where a given client goes."""
+    want = desired(path, state_dir)
+    p = want.plan.pool(pool_name)
+    if p is None:
+        raise UsageError(f"no pool {pool_name!r} in {path} (pools: {', '.join(x.name for x in want.plan.pools)})")
+    weights = {planlib.Endpoint(b.address, b.port): b.weight
+               for b in next(x for x in want.config.pools if x.name == pool_name).backends}
+    counts = {b: 0 for b in p.backends}
+    for b in p.slots:
+        counts[b] += 1
+    rows = []
+    for b in p.backends:
+        state_ = ("down" if b in p.down else "drained" if b in p.draining else
+                  "backup" if b in p.backups and b not in p.active else "up")
+        rows.append({"backend": b.display, "weight": weights[b], "slots": counts[b],
+                     "share": counts[b] / len(p.slots) if p.slots else 0.0, "state": state_})
+    out = {"pool": p.name, "service": p.service, "scheduler": p.scheduler, "kind": p.kind or "refused",
+           "table_size": len(p.slots), "seed": want.plan.seed, "persistence": p.persistence,
+           "fallback": p.fallback, "backends": rows}
+    if client is not None:
+        address, sport = client
+        if p.kind in ("hash", "srchash"):
+            if p.kind == "hash" and sport is None:
+                raise UsageError("scheduler hash uses the client's port too: give --client ADDR:PORT")
+            i = maglev.slot(p.scheduler, want.plan.seed, len(p.slots), address, sport or 0, str(p.vip), p.port)
+            out["client"] = {"address": address, "port": sport, "slot": i, "backend": p.slots[i].display}
+        elif p.kind == "direct":
+            out["client"] = {"address": address, "port": sport, "slot": 0, "backend": p.slots[0].display}
+        else:
+            out["client"] = {"address": address, "port": sport, "slot": None, "backend": None,
+                             "why": f"{p.scheduler} does not depend on the client"}
+    return out
 
 
 def _find_backend(config: model.Config, pool_name: str, backend: str) -> str:

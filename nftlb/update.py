@@ -105,6 +105,43 @@ def changes(old: Plan, new: Plan) -> Changes:
     return c
 
 
+def losers(old: Plan, new: Plan) -> dict[str, tuple[PoolPlan, set]]:
+    """Pools with persistence that stopped sending new connections to some backends:
+    pool name -> (new pool, backends still in use). Clients remembered with another
+    backend must be forgotten, so they are balanced again instead of sent to it."""
+    before = {p.name: p for p in old.pools}
+    out = {}
+    for q in new.pools:
+        p = before.get(q.name)
+        if q.persistence and p is not None and p.persistence == q.persistence and set(p.active) - set(q.active):
+            out[q.name] = (q, set(q.active))
+    return out
+
+
+def forget(table: str, remembered: dict[str, list[tuple[str, str, int, str, int]]], lost) -> str:
+    """The deletion of remembered clients of `lost` pools (see losers()) whose backend is gone.
+
+    `remembered`: sticky map name -> [(client, vip, port, backend address, backend port)].
+    A separate transaction: remembered clients expire on their own, so one may be gone by
+    the time it is deleted, and that must not fail the change that took the backend out.
+    """
+    m = render.macros()
+    by_service = {(str(q.vip), q.port, q.protocol): (q, keep) for q, keep in lost.values()}
+    doomed = []
+    for name, entries in remembered.items():
+        proto = name.split("_")[1]
+        keys = []
+        for client, vip, port, address, bport in entries:
+            hit = by_service.get((vip, port, proto))
+            if hit and not any(str(b.address) == address and b.port == bport for b in hit[1]):
+                keys.append(m.sticky_key(client, hit[0]))
+        if keys:
+            doomed.append((name, keys))
+    if not doomed:
+        return ""
+    return render.update(table, 0, Changes(delete_elements=doomed))
+
+
 def script(old: Plan, new: Plan) -> tuple[str, Changes]:
     c = changes(old, new)
     return (render.update(new.table, new.seed, c) if c else ""), c
