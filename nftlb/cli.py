@@ -76,6 +76,10 @@ def _out(as_json: bool, doc: dict, text: str) -> None:
         typer.echo(text, nl=not text.endswith("\n"))
 
 
+def _names(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _drift(d) -> str:
     if not d.drift:
         return ""
@@ -164,7 +168,7 @@ def apply(
         text = (f"applied table inet {s['table']}: {s['pools']} pools ({s['ipv4']} IPv4, {s['ipv6']} IPv6; "
                 f"{s['tcp']} tcp, {s['udp']} udp), {s['backends']} backends ({s['draining']} draining) "
                 f"in {r.seconds:.2f} s\n")
-    changes = [f"{k} {', '.join(v)}" for k, v in
+    changes = [f"{k} {_names(v)}" for k, v in
                (("added", r.pools_added), ("removed", r.pools_removed), ("changed", r.pools_changed)) if v]
     if changes and r.action != "in-sync":
         text += "pools " + "; ".join(changes) + "\n"

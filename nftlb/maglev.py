@@ -18,24 +18,25 @@ DEFAULT_MAX_SIZE = 65537  # largest default table (a prime)
 # -- Maglev --------------------------------------------------------------------
 
 
-def _h(name: str, key: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8, key=key).digest(), "little")
-
-
 @lru_cache(maxsize=65536)
 def _offset_skip(name: str, size: int) -> tuple[int, int]:
-    return _h(name, b"nftlb-offset") % size, _h(name, b"nftlb-skip") % (size - 1) + 1
+    """A backend's permutation of the slots: start at offset, step by skip (fixed hash: BLAKE2b)."""
+    digest = hashlib.blake2b(name.encode(), digest_size=16, key=b"nftlb-maglev").digest()
+    return int.from_bytes(digest[:8], "little") % size, int.from_bytes(digest[8:], "little") % (size - 1) + 1
 
 
-def _turns(weights: list[int]):
-    """Backend indexes in smooth weighted round-robin order, forever."""
-    total, current = sum(weights), [0] * len(weights)
-    while True:
+def _cycle(weights: list[int]) -> list[int]:
+    """One cycle of turns: backend indexes in smooth weighted round-robin order."""
+    if len(set(weights)) == 1:
+        return list(range(len(weights)))
+    total, current, out = sum(weights), [0] * len(weights), []
+    for _ in range(total):
         for i, w in enumerate(weights):
             current[i] += w
         best = max(range(len(weights)), key=current.__getitem__)
         current[best] -= total
-        yield best
+        out.append(best)
+    return out
 
 
 def populate(size: int, backends: list[tuple[str, int]], table: list[str | None] | None = None) -> list[str | None]:
@@ -49,19 +50,19 @@ def populate(size: int, backends: list[tuple[str, int]], table: list[str | None]
     empty = table.count(None)
     if not backends or not empty:
         return table
-    perms = [_offset_skip(name, size) for name, _ in backends]
-    walked = [0] * len(backends)
-    for i in _turns([w for _, w in backends]):
-        offset, skip = perms[i]
-        while True:
-            slot = (offset + walked[i] * skip) % size
-            walked[i] += 1
-            if table[slot] is None:
-                table[slot] = backends[i][0]
-                empty -= 1
-                break
-        if not empty:
-            return table
+    names = [name for name, _ in backends]
+    position = [_offset_skip(name, size) for name in names]  # (next slot to look at, skip)
+    cycle = _cycle([w for _, w in backends])
+    while True:
+        for i in cycle:
+            slot, skip = position[i]
+            while table[slot] is not None:
+                slot = (slot + skip) % size
+            table[slot] = names[i]
+            position[i] = ((slot + skip) % size, skip)
+            empty -= 1
+            if not empty:
+                return table
 
 
 def table(size: int, backends: list[tuple[str, int]], out: set[str] = frozenset()) -> list[str]:
@@ -73,6 +74,8 @@ def table(size: int, backends: list[tuple[str, int]], out: set[str] = frozenset(
     depends only on (backends, out), never on the order things happened in.
     """
     base = populate(size, backends)
+    if not out:
+        return base
     up = [(n, w) for n, w in backends if n not in out]
     if not up:
         return []
@@ -118,7 +121,7 @@ def default_size(weights: tuple[int, ...]) -> int:
     size = n + 1  # more slots than backends: a table of exactly N slots would be plain mod-N hashing
     while size < DEFAULT_MAX_SIZE:
         if is_prime(size):
-            names = [(f"b{i}", w) for i, w in enumerate(weights)]
+            names = [(f"b{i}", w) for i, w in enumerate(weights)]  # shares do not depend on names
             got = shares(populate(size, names))
             worst_abs = max(got.get(f"b{i}", 0) - w / total for i, w in enumerate(weights))
             worst_rel = max(got.get(f"b{i}", 0) / (w / total) for i, w in enumerate(weights))

@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     StrictBool,
     StrictInt,
     ValidationError,
@@ -55,12 +56,15 @@ class Problem:
 
 def _address(value: Any, what: str) -> IPAddress:
     """An address a packet can be sent to: not unspecified, multicast, loopback or link-local."""
-    if not isinstance(value, str):
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        addr = value
+    elif not isinstance(value, str):
         raise ValueError(f"expected an IPv4 or IPv6 address as a string, got {type(value).__name__}")
-    try:
-        addr = ipaddress.ip_address(value.strip())
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+    else:
+        try:
+            addr = ipaddress.ip_address(value.strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
     if getattr(addr, "ipv4_mapped", None):
         raise ValueError(f"{value} is an IPv4-mapped IPv6 address; write it as {addr.ipv4_mapped}")
     for bad, why in (
@@ -85,7 +89,7 @@ class _Model(BaseModel):
 
 
 class Backend(_Model):
-    address: IPAddress
+    address: Annotated[IPAddress, PlainValidator(lambda v: _address(v, "backend"))]
     port: StrictInt | None = Field(None, ge=1, le=65535)
     weight: StrictInt = Field(1, ge=1, le=1000)
     state: Literal["active", "drain"] = "active"
@@ -98,11 +102,6 @@ class Backend(_Model):
         if isinstance(data, str):
             return _parse_short(data)
         return data
-
-    @field_validator("address", mode="before")
-    @classmethod
-    def _check_address(cls, v: Any) -> IPAddress:
-        return _address(v, "backend")
 
     @property
     def key(self) -> tuple:
@@ -198,7 +197,7 @@ class Health:
 
 class Pool(_Model):
     name: str
-    vip: IPAddress
+    vip: Annotated[IPAddress, PlainValidator(lambda v: _address(v, "vip"))]
     port: StrictInt = Field(ge=1, le=65535)
     protocol: Literal["tcp", "udp"] = "tcp"
     scheduler: Literal["hash", "source-hash", "round-robin", "random"] = "hash"
@@ -238,11 +237,6 @@ class Pool(_Model):
                 f"{v!r} is not a pool name: use 1-31 characters a-z 0-9 _ -, starting with a letter"
             )
         return v
-
-    @field_validator("vip", mode="before")
-    @classmethod
-    def _check_vip(cls, v: Any) -> IPAddress:
-        return _address(v, "vip")
 
     @model_validator(mode="after")
     def _default_ports(self) -> "Pool":
@@ -295,6 +289,10 @@ class Config(_Model):
 # --- YAML with line numbers -------------------------------------------------
 
 
+_STR, _MERGE = "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it: 20x faster
+
+
 class _Tree:
     """Plain data from a YAML document plus the line of every key, item and value."""
 
@@ -304,7 +302,7 @@ class _Tree:
         self.problems: list[Problem] = []
         self._nodes = 0
         self._merged: set[tuple] = set()
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         try:
             node = loader.get_single_node()
             self.lines[()] = 1 if node is None else node.start_mark.line + 1
@@ -312,41 +310,55 @@ class _Tree:
         finally:
             loader.dispose()
 
+    def _scalar(self, loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        if node.tag == _STR:  # most of a pools file: no constructor needed
+            return node.value
+        construct = loader.yaml_constructors.get(node.tag)
+        return construct(loader, node) if construct else loader.construct_object(node, deep=True)
+
     def _build(self, loader: yaml.SafeLoader, node: yaml.Node, path: tuple) -> Any:
         self._nodes += 1
         if self._nodes > MAX_NODES:
             raise _TooBig()
-        if isinstance(node, yaml.MappingNode):
-            explicit = sum(k.tag != "tag:yaml.org,2002:merge" for k, _ in node.value)
-            loader.flatten_mapping(node)  # YAML merge keys (<<): merged pairs first, explicit ones override
-            merged = len(node.value) - explicit
-            out: dict = {}
-            for n, (knode, vnode) in enumerate(node.value):
-                key = loader.construct_object(knode, deep=True) if isinstance(knode, yaml.ScalarNode) else None
-                line = knode.start_mark.line + 1
-                if key is None or isinstance(key, (list, dict)):
-                    self.problems.append(Problem(self.file, line, _field(path) or "(top)", "keys must be plain scalars"))
-                    continue
-                sub = path + (key,)
-                if key in out:
-                    if sub not in self._merged:
-                        self.problems.append(
-                            Problem(self.file, line, _field(sub), f"duplicate key (first given on line {self.lines[sub]})")
-                        )
-                        continue
-                    self._merged.discard(sub)  # an explicit key overrides a merged one
-                if n < merged:
-                    self._merged.add(sub)
-                self.lines[sub] = line
-                out[key] = self._build(loader, vnode, sub)
-            return out
-        if isinstance(node, yaml.SequenceNode):
+        kind = node.__class__
+        if kind is yaml.ScalarNode:
+            return self._scalar(loader, node)
+        if kind is yaml.SequenceNode:
             out_list = []
             for i, item in enumerate(node.value):
-                self.lines[path + (i,)] = item.start_mark.line + 1
-                out_list.append(self._build(loader, item, path + (i,)))
+                sub = path + (i,)
+                self.lines[sub] = item.start_mark.line + 1
+                out_list.append(self._scalar(loader, item) if item.__class__ is yaml.ScalarNode
+                                else self._build(loader, item, sub))
+            self._nodes += len(node.value)
             return out_list
-        return loader.construct_object(node, deep=True)
+        merged = 0
+        if any(k.tag == _MERGE for k, _ in node.value):  # YAML merge keys (<<): merged pairs first
+            explicit = sum(k.tag != _MERGE for k, _ in node.value)
+            loader.flatten_mapping(node)
+            merged = len(node.value) - explicit  # explicit keys override merged ones
+        out: dict = {}
+        for n, (knode, vnode) in enumerate(node.value):
+            key = self._scalar(loader, knode) if knode.__class__ is yaml.ScalarNode else None
+            line = knode.start_mark.line + 1
+            if key is None or isinstance(key, (list, dict)):
+                self.problems.append(Problem(self.file, line, _field(path) or "(top)", "keys must be plain scalars"))
+                continue
+            sub = path + (key,)
+            if key in out:
+                if sub not in self._merged:
+                    self.problems.append(
+                        Problem(self.file, line, _field(sub), f"duplicate key (first given on line {self.lines[sub]})")
+                    )
+                    continue
+                self._merged.discard(sub)  # an explicit key overrides a merged one
+            if n < merged:
+                self._merged.add(sub)
+            self.lines[sub] = line
+            out[key] = self._scalar(loader, vnode) if vnode.__class__ is yaml.ScalarNode \
+                else self._build(loader, vnode, sub)
+        self._nodes += len(node.value)
+        return out
 
     def line(self, loc: tuple) -> int:
         """Line of the deepest part of `loc` that the file spells out."""
@@ -438,9 +450,10 @@ def parse(text: str, file: str = "<string>") -> Config:
         for err in e.errors(include_url=False):
             loc = _loc(err)
             problems.append(Problem(file, tree.line(loc), _field(loc) or "(top)", _message(err)))
-    raw_pools = tree.data.get("pools")
-    if isinstance(raw_pools, list):
-        problems += _cross_check([_Partial.of(p) for p in raw_pools], tree)
+    if config is not None:  # valid field by field: check across fields on the validated pools
+        problems += _cross_check([_Partial.from_pool(p) for p in config.pools], tree)
+    elif isinstance(tree.data.get("pools"), list):  # else on whatever each pool has that is readable
+        problems += _cross_check([_Partial.of(p) for p in tree.data["pools"]], tree)
     if config is not None:
         for i, pool in enumerate(config.pools):
             h = config.health_of(pool)
@@ -472,6 +485,10 @@ class _Partial:
     protocol: str | None
     mode: str | None
     backends: list[tuple[int, Backend]]  # (index, backend) for the backends that are valid by themselves
+
+    @classmethod
+    def from_pool(cls, pool: "Pool") -> "_Partial":
+        return cls(pool.name, pool.vip, pool.port, pool.protocol, pool.mode, list(enumerate(pool.backends)))
 
     @classmethod
     def of(cls, raw: Any) -> "_Partial":
@@ -510,23 +527,21 @@ def _cross_check(pools: list[_Partial], tree: _Tree) -> list[Problem]:
     def problem(loc: tuple, message: str):
         out.append(Problem(tree.file, tree.line(loc), _field(loc), message))
 
-    names: dict[str, int] = {}
-    services: dict[tuple, int] = {}
+    names: dict[str, tuple] = {}  # first place each was given (a loc: lines are looked up on a problem only)
+    services: dict[tuple, tuple] = {}
     modes: dict[tuple, tuple[str, str]] = {}  # (vip, protocol, backend) -> (mode, pool)
     for i, pool in enumerate(pools):
         if pool.name is not None:
-            if pool.name in names:
-                problem(("pools", i, "name"), f"duplicate pool name {pool.name!r} (first on line {names[pool.name]})")
-            else:
-                names[pool.name] = tree.line(("pools", i, "name"))
+            first = names.setdefault(pool.name, ("pools", i, "name"))
+            if first[1] != i:
+                problem(("pools", i, "name"), f"duplicate pool name {pool.name!r} (first on line {tree.line(first)})")
         service = (pool.vip, pool.port, pool.protocol)
         if None not in service:
-            if service in services:
+            first = services.setdefault(service, ("pools", i, "vip"))
+            if first[1] != i:
                 problem(("pools", i, "vip"), f"{_endpoint(pool.vip, pool.port)}/{pool.protocol} is already served "
-                        f"by the pool on line {services[service]}")
-            else:
-                services[service] = tree.line(("pools", i, "vip"))
-        seen: dict[tuple, int] = {}
+                        f"by the pool on line {tree.line(first)}")
+        seen: dict[tuple, tuple] = {}
         for j, b in pool.backends:
             loc = ("pools", i, "backends", j)
             if pool.vip is not None and b.address.version != pool.vip.version:
@@ -540,10 +555,9 @@ def _cross_check(pools: list[_Partial], tree: _Tree) -> list[Problem]:
                     problem(loc, f"backend {_endpoint(b.address, b.port)} also serves pool {shared[1]!r} on the same "
                             f"vip in {shared[0]} mode; after NAT the gateway cannot tell the two pools' connections "
                             "apart, so give both pools the same mode or this one a different backend port")
-            if b.key in seen:
-                problem(loc, f"backend {_endpoint(b.address, b.port)} is listed twice (first on line {seen[b.key]})")
-            else:
-                seen[b.key] = tree.line(loc)
+            first = seen.setdefault(b.key, loc)
+            if first is not loc:
+                problem(loc, f"backend {_endpoint(b.address, b.port)} is listed twice (first on line {tree.line(first)})")
     return out
 
 

@@ -21,12 +21,13 @@ class Endpoint:
     address: IPAddress
     port: int
 
-    def __str__(self) -> str:  # nft's spelling in a concatenation: addr . port
-        return f"{self.address} . {self.port}"
+    def __post_init__(self):  # spelled once: a large plan formats hundreds of thousands of them
+        text = str(self.address)
+        object.__setattr__(self, "nft", f"{text} . {self.port}")  # in a concatenation: addr . port
+        object.__setattr__(self, "display", f"[{text}]:{self.port}" if self.address.version == 6 else f"{text}:{self.port}")
 
-    @property
-    def display(self) -> str:
-        return f"[{self.address}]:{self.port}" if self.address.version == 6 else f"{self.address}:{self.port}"
+    def __str__(self) -> str:
+        return self.nft
 
 
 @dataclass(frozen=True)

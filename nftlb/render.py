@@ -22,7 +22,7 @@ def template_dir() -> Path:
     raise FileNotFoundError(f"nftlb templates not found next to {here}")
 
 
-def _ident(value: object) -> str:
+def ident(value: object) -> str:
     """Second line of defence: only plain identifiers reach nft, whatever the validator let through."""
     if not isinstance(value, str) or not _IDENT.fullmatch(value):
         raise ValueError(f"refusing to render {value!r} as an nftables identifier")
@@ -51,7 +51,7 @@ def environment(directory: str | None = None) -> jinja2.Environment:
         autoescape=False,
         extensions=["jinja2.ext.do"],
     )
-    env.filters["ident"] = _ident
+    env.filters["ident"] = ident
     env.filters["q"] = systemd_quote
     env.globals["raise"] = _raise
     return env
@@ -59,7 +59,9 @@ def environment(directory: str | None = None) -> jinja2.Environment:
 
 def ruleset(plan: Plan) -> str:
     """The complete nft script: replaces table inet <plan.table> in one transaction."""
-    return environment().get_template("ruleset.nft.j2").render(plan=plan)
+    from nftlb.elements import of_plan  # elements spell names with ident() from here
+
+    return environment().get_template("ruleset.nft.j2").render(plan=plan, elements=of_plan(plan))
 
 
 def macros():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nftlb import render
+from nftlb import elements, render
 from nftlb.plan import Plan, PoolPlan
 
 
@@ -30,25 +30,6 @@ class Changes:
     def __bool__(self) -> bool:
         return any((self.delete_elements, self.flush_chains, self.delete_chains, self.delete_maps,
                     self.delete_sets, self.add_sticky, self.add_chains, self.remember, self.add_elements))
-
-
-def contribution(p: PoolPlan) -> dict[str, dict[str, str]]:
-    """A pool's elements: object name -> {key: element} (the key is what `delete element` takes)."""
-    m = render.macros()
-    out: dict[str, dict[str, str]] = {}
-    if p.slots:
-        out[f"services{p.fam}"] = {m.service_key(p): m.service_element(p)}
-    else:
-        out[f"refuse{p.fam}"] = {m.service_key(p): m.refuse_element(p)}
-    if p.kind == "direct":
-        out[f"direct{p.fam}_{p.protocol}"] = {m.vip_key(p): m.direct_element(p)}
-    elif p.slots:
-        out[f"slots{p.fam}_{p.protocol}"] = {m.slot_key(p, i): m.slot_element(p, i, b) for i, b in enumerate(p.slots)}
-    if p.mode == "masquerade":
-        out[f"masquerade{p.fam}_{p.protocol}"] = {m.vip_key(p): m.named_key(p)}
-    if p.persistence:
-        out[f"persist{p.fam}_{p.protocol}_{p.persistence}"] = {m.vip_key(p): m.named_key(p)}
-    return out
 
 
 def _chains(plan: Plan) -> dict[str, PoolPlan]:
@@ -70,9 +51,9 @@ def changes(old: Plan, new: Plan) -> Changes:
         p, q = before.get(name), after.get(name)
         if p == q:
             continue
-        for obj, items in (contribution(p) if p else {}).items():
+        for obj, items in (elements.of_pool(p) if p else {}).items():
             was.setdefault(obj, {}).update(items)
-        for obj, items in (contribution(q) if q else {}).items():
+        for obj, items in (elements.of_pool(q) if q else {}).items():
             now.setdefault(obj, {}).update(items)
     for obj in sorted(was.keys() | now.keys()):
         old_items, new_items = was.get(obj, {}), now.get(obj, {})
@@ -125,7 +106,6 @@ def forget(table: str, remembered: dict[str, list[tuple[str, str, int, str, int]
     A separate transaction: remembered clients expire on their own, so one may be gone by
     the time it is deleted, and that must not fail the change that took the backend out.
     """
-    m = render.macros()
     by_service = {(str(q.vip), q.port, q.protocol): (q, keep) for q, keep in lost.values()}
     doomed = []
     for name, entries in remembered.items():
@@ -134,7 +114,7 @@ def forget(table: str, remembered: dict[str, list[tuple[str, str, int, str, int]
         for client, vip, port, address, bport in entries:
             hit = by_service.get((vip, port, proto))
             if hit and not any(str(b.address) == address and b.port == bport for b in hit[1]):
-                keys.append(m.sticky_key(client, hit[0]))
+                keys.append(elements.sticky_key(client, hit[0]))
         if keys:
             doomed.append((name, keys))
     if not doomed:
