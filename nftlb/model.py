@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ MAX_FILE_BYTES = 32 * 1024 * 1024
 MAX_NODES = 2_000_000  # YAML nodes after alias expansion ("billion laughs" guard)
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 _POOL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
@@ -72,7 +74,7 @@ def _address(value: Any, what: str) -> IPAddress:
         (addr.is_multicast, "multicast"),
         (addr.is_loopback, "loopback (forwarded traffic cannot be DNATed to it)"),
         (addr.is_link_local, "link-local"),
-        (addr == ipaddress.IPv4Address("255.255.255.255"), "broadcast"),
+        (addr == _BROADCAST, "broadcast"),
     ):
         if bad:
             raise ValueError(f"{value} is {why}; a {what} needs a unicast address")
@@ -424,6 +426,19 @@ def load(path: str | Path) -> Config:
 
 
 def parse(text: str, file: str = "<string>") -> Config:
+    """Validate a pools file's text; ConfigError lists every problem with its line.
+
+    A file written as JSON (a subset of YAML; what tools that generate thousands of pools
+    tend to write) is read with the json module first, which is many times faster; only
+    if it has problems is it read again as YAML, to find their lines.
+    """
+    if text.lstrip().startswith("{"):
+        data = _json(text)
+        if isinstance(data, dict):
+            config, problems = _validate(data, _NoLines(file))
+            if not problems:
+                return config
+
     def fail(line: int, field: str, message: str):
         raise ConfigError([Problem(file, line, field, message)])
 
@@ -438,22 +453,54 @@ def parse(text: str, file: str = "<string>") -> Config:
         fail(0, "file", f"more than {MAX_NODES} YAML nodes")
     except RecursionError:
         fail(0, "yaml", "nested too deeply")
-    problems = tree.problems
     if not isinstance(tree.data, dict):
         what = "empty" if tree.data is None else f"a {type(tree.data).__name__}"
-        raise ConfigError(problems + [Problem(file, 1, "(top)", f"file is {what}; expected a mapping with a 'pools' list")])
+        raise ConfigError(tree.problems + [
+            Problem(file, 1, "(top)", f"file is {what}; expected a mapping with a 'pools' list")])
+    config, problems = _validate(tree.data, tree)
+    problems = tree.problems + problems
+    if problems:
+        raise ConfigError(sorted(problems, key=lambda p: p.line))
+    return config
 
-    config = None
+
+def _json(text: str) -> Any:
+    """Plain JSON, or None (not JSON, or a duplicate key: the YAML reader will say where)."""
+
+    def pairs(items):
+        out = dict(items)
+        if len(out) != len(items):
+            raise ValueError("duplicate key")
+        return out
+
     try:
-        config = Config.model_validate(tree.data)
+        return json.loads(text, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None
+
+
+class _NoLines:
+    """Stands in for _Tree when the data came from JSON: problems send the file back to YAML."""
+
+    def __init__(self, file: str):
+        self.file = file
+
+    def line(self, loc: tuple) -> int:
+        return 0
+
+
+def _validate(data: dict, tree) -> tuple[Config | None, list[Problem]]:
+    file, problems, config = tree.file, [], None
+    try:
+        config = Config.model_validate(data)
     except ValidationError as e:
         for err in e.errors(include_url=False):
             loc = _loc(err)
             problems.append(Problem(file, tree.line(loc), _field(loc) or "(top)", _message(err)))
     if config is not None:  # valid field by field: check across fields on the validated pools
         problems += _cross_check([_Partial.from_pool(p) for p in config.pools], tree)
-    elif isinstance(tree.data.get("pools"), list):  # else on whatever each pool has that is readable
-        problems += _cross_check([_Partial.of(p) for p in tree.data["pools"]], tree)
+    elif isinstance(data.get("pools"), list):  # else on whatever each pool has that is readable
+        problems += _cross_check([_Partial.of(p) for p in data["pools"]], tree)
     if config is not None:
         for i, pool in enumerate(config.pools):
             h = config.health_of(pool)
@@ -470,9 +517,7 @@ def parse(text: str, file: str = "<string>") -> Config:
                 loc = ("pools", i, "table_size")
                 problems.append(Problem(file, tree.line(loc), _field(loc),
                                         f"{pool.table_size} slots cannot hold {len(pool.backends)} backends"))
-    if problems:
-        raise ConfigError(sorted(problems, key=lambda p: p.line))
-    return config
+    return config, problems
 
 
 @dataclass

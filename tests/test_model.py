@@ -293,3 +293,16 @@ def test_bad_health_settings(write):
             backends: [10.0.0.1]
         """)
     assert found == [(5, "pools[0].health", "timeout (1s) must not exceed interval (0.1s)")]
+
+
+def test_json_files_are_read_fast_and_their_problems_still_have_lines(write):
+    import json
+
+    doc = {"seed": 7, "pools": [{"name": "web", "vip": "198.51.100.1", "port": 80, "backends": ["10.0.0.1:8080"]}]}
+    c = model.load(write(json.dumps(doc), "pools.json"))
+    assert c.seed == 7 and str(c.pools[0].backends[0].address) == "10.0.0.1"
+    doc["pools"][0]["port"] = 0
+    found, _ = problems(write, json.dumps(doc, indent=2))
+    assert found == [(7, "pools[0].port", "Input should be greater than or equal to 1 (got 0)")]
+    found, _ = problems(write, '{"pools": [], "pools": []}')
+    assert found == [(1, "pools", "duplicate key (first given on line 1)")]
