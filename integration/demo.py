@@ -55,7 +55,7 @@ def main() -> int:
               "  (L4 balances connections, not requests)")
 
         res = lab.http_spread(VIP, 443, 30)
-        print(f"\n[client] 30 connections to {VIP}:443 (pool web-tls, 10.0.0.13 draining) -> "
+        print(f"\n[client] 30 connections to {VIP}:443 (pool web-tls: persistence 5m, 10.0.0.13 draining) -> "
               + ", ".join(f"{k}: {v}" for k, v in sorted(res["backends"].items())))
 
         print("\n[gateway]$ nft list map inet nftlb services4")

@@ -20,6 +20,9 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
 from typing import Protocol
 
 from nftlb.errors import KernelError, UsageError
@@ -43,6 +46,26 @@ def _kernel_error(what: str, stderr: str) -> KernelError:
     if "Operation not permitted" in detail:
         detail += "\n(nftlb needs CAP_NET_ADMIN: run it as root)"
     return KernelError(f"{what}:\n{detail}")
+
+
+@contextmanager
+def _no_json_warnings():
+    """libnftables 1.0.6 writes "warning: stmt ops map have no json callback" straight to fd 2
+    when listing an `update @map` rule as JSON; keep that out of nftlb's output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            rest = [line for line in sink.read().decode(errors="replace").splitlines()
+                    if "have no json callback" not in line]
+            if rest:
+                print("\n".join(rest), file=sys.stderr)
 
 
 def kernel_generation() -> int:
@@ -104,7 +127,8 @@ class Libnftables:
             raise _kernel_error("nft rejected the ruleset" if not check else "the kernel check failed", err)
 
     def list(self, what: str) -> str | None:
-        rc, out, err = self._cmd(f"list {what}", json=True)
+        with _no_json_warnings():
+            rc, out, err = self._cmd(f"list {what}", json=True)
         if rc != 0:
             if _ABSENT in err:
                 return None

@@ -563,7 +563,7 @@ class _Partial:
 
 
 def _cross_check(pools: list[_Partial], tree: _Tree) -> list[Problem]:
-    """Problems that involve more than one field: duplicates, address families, NAT ambiguity.
+    """Problems that involve more than one field: duplicates and address families.
 
     Runs on whatever each pool has that is readable, so they show up next to field errors.
     """
@@ -574,7 +574,6 @@ def _cross_check(pools: list[_Partial], tree: _Tree) -> list[Problem]:
 
     names: dict[str, tuple] = {}  # first place each was given (a loc: lines are looked up on a problem only)
     services: dict[tuple, tuple] = {}
-    modes: dict[tuple, tuple[str, str]] = {}  # (vip, protocol, backend) -> (mode, pool)
     for i, pool in enumerate(pools):
         if pool.name is not None:
             first = names.setdefault(pool.name, ("pools", i, "name"))
@@ -594,12 +593,6 @@ def _cross_check(pools: list[_Partial], tree: _Tree) -> list[Problem]:
                         f"is IPv{pool.vip.version}")
             if b.port is None:
                 continue
-            if None not in (pool.vip, pool.protocol, pool.mode):
-                shared = modes.setdefault((pool.vip, pool.protocol, b.key), (pool.mode, pool.name))
-                if shared[0] != pool.mode:
-                    problem(loc, f"backend {_endpoint(b.address, b.port)} also serves pool {shared[1]!r} on the same "
-                            f"vip in {shared[0]} mode; after NAT the gateway cannot tell the two pools' connections "
-                            "apart, so give both pools the same mode or this one a different backend port")
             first = seen.setdefault(b.key, loc)
             if first is not loc:
                 problem(loc, f"backend {_endpoint(b.address, b.port)} is listed twice (first on line {tree.line(first)})")

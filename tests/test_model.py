@@ -144,17 +144,6 @@ def test_cross_field_problems_are_listed_next_to_field_errors(write):
         (6, "pools[1].backends[1]"), (7, "pools[2].name")]
 
 
-def test_backend_shared_by_dnat_and_masquerade_pools_on_one_vip_is_refused(write):
-    found, _ = problems(write, """
-        pools:
-          - {name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1:8080]}
-          - {name: b, vip: 198.51.100.1, port: 81, mode: masquerade, backends: [10.0.0.1:8080, 10.0.0.2:8080]}
-          - {name: c, vip: 198.51.100.2, port: 81, mode: masquerade, backends: [10.0.0.1:8080]}
-        """)
-    assert [(f[0], f[1]) for f in found] == [(3, "pools[1].backends[0]")]
-    assert "also serves pool 'a' on the same vip in dnat mode" in found[0][2]
-
-
 @pytest.mark.parametrize("address, why", [
     ("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"), ("127.0.0.1", "loopback"),
     ("fe80::1", "link-local"), ("::ffff:10.0.0.1", "IPv4-mapped"), ("255.255.255.255", "broadcast"),
