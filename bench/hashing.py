@@ -435,14 +435,16 @@ class Lab:
         self.nft("-f", "-", input=f"table ip {PLAIN_TABLE} {{}}\ndelete table ip {PLAIN_TABLE}\n")
 
     def flush_conntrack(self, timeout: float = 5.0) -> int:
-        """conntrack -F in gw (only gw's table), then wait (bounded) until it is empty."""
-        cp = nsexec(self.gw, CONNTRACK, "-F", timeout=30)
-        m = re.search(r"(\d+) flow entries", cp.stderr + cp.stdout)
+        """conntrack -F in gw (only gw's table), then wait (bounded) until it is empty.
+
+        Returns how many entries gw held before: the previous measurement's K flows."""
+        before = int(nsexec(self.gw, CONNTRACK, "-C", timeout=10).stdout.strip() or 0)
+        nsexec(self.gw, CONNTRACK, "-F", timeout=30)
         deadline = time.monotonic() + timeout
         while True:
             count = int(nsexec(self.gw, CONNTRACK, "-C", timeout=10).stdout.strip() or 0)
             if count == 0:
-                return int(m.group(1)) if m else -1
+                return before
             if time.monotonic() > deadline:
                 raise BenchError(f"gw conntrack still holds {count} entries {timeout}s after conntrack -F")
             nsexec(self.gw, CONNTRACK, "-F", timeout=30)
@@ -582,7 +584,7 @@ class Runner:
         pred = predict(self.hashes, predicted_slots)
         mismatch = sum(1 for p, b in flows.items() if b is not None and b != pred[p])
         rec = {"label": label, "seconds": info["seconds"], "conn_per_s": round(len(flows) / info["seconds"]),
-               "failed": failed, "errors": info["errors"], "conntrack_flushed": flushed,
+               "failed": failed, "errors": info["errors"], "conntrack_entries_flushed_before": flushed,
                "predicted_mismatch": mismatch, "time_wait_after": lab.time_wait(), "flows": flows}
         log(f"    {label:<26} {len(flows) - failed}/{len(flows)} ok in {info['seconds']:.1f}s "
             f"({rec['conn_per_s']}/s), {mismatch} differ from the prediction"
@@ -656,7 +658,7 @@ class Runner:
         res = {
             "n": n, "table_size": size, "table_size_without": ex_less["table_size"], "apply_seconds": round(apply_s, 3),
             "victim": vname,
-            "table": {"max_mean": table_max_mean(slots_full, n), "shares": tshares,
+            "table": {"max_mean": max(tshares.values()) * n, "shares": tshares,  # from explain
                       "slots": {r["backend"]: r["slots"] for r in ex["backends"]},
                       "drained_shares": {r["backend"]: r["share"] for r in ex_drain["backends"]},
                       "drained_max_mean": table_max_mean(slots_drain, n - 1)},
@@ -730,10 +732,11 @@ def report(results: list[dict], k: int) -> str:
                    f"{r['plain_balance']['max_mean']:.3f}")
         out.append(f"  kernel vs prediction: {r['prediction_mismatch']} of {r['connections']} flows differ; "
                    f"failed connections {r['failed']} of {r['connections']}")
-    head = ["N", "table max/mean", "measured max/mean", "drain moved", "back", "config moved", "plain mod moved",
-            "target 1/N+1pp", "disruption", "failed"]
+    head = ["N", "table max/mean", "measured max/mean", "drain moved", "(table)", "back", "config moved",
+            "plain mod moved", "target 1/N+1pp", "disruption", "failed"]
     rows = [[str(r["n"]), f"{r['table']['max_mean']:.3f}", f"{r['measured']['max_mean']:.3f}",
-             pct(r["drain"]["fraction"]), pct(r["enable"]["fraction_back"]), pct(r["config"]["fraction"]),
+             pct(r["drain"]["fraction"]), pct(r["drain"]["table_exact"]), pct(r["enable"]["fraction_back"]),
+             pct(r["config"]["fraction"]),
              pct(r["plain_mod"]["fraction"]), pct(r["target"]), "PASS" if r["pass"] else "FAIL",
              f"{r['failed']}/{r['connections']}"] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
@@ -770,6 +773,7 @@ def main() -> int:
     results: list[dict] = []
     error = None
     lab = None
+    runner = None
     try:
         t0 = time.monotonic()
         hashes = flow_hashes(args.first_sport, args.flows)
@@ -782,16 +786,28 @@ def main() -> int:
     except BenchError as exc:
         error = str(exc)
         log(f"\nFAILED: {exc}")
+    except KeyboardInterrupt as exc:
+        error = f"interrupted ({exc or 'SIGINT'})"
+        log(f"\nFAILED: {error}")
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the cleanup short
         if lab is not None:
-            lab.teardown()
+            try:
+                lab.teardown()
+            except BenchError as exc:
+                log(f"WARNING: {exc}")
         cleanup_all()
+        left = [ns for ns in list_netns() if ns.startswith(PREFIX)]
+        if left:
+            log(f"WARNING: namespaces left behind: {left}")
+            error = error or f"namespaces left behind: {left}"
     runtime = time.monotonic() - started
 
     if results:
         print(report(results, args.flows))
-    total = sum(r["connections"] for r in results)
-    failed = sum(r["failed"] for r in results)
+    total = runner.total_connections if runner else 0  # including an aborted N
+    failed = runner.total_failed if runner else 0
     print(f"\nruntime {runtime:.1f}s; connections {total}, failed {failed}"
           + (f" ({100 * failed / total:.3f}%)" if total else ""))
     ok = error is None and all(r["pass"] for r in results) and (not total or failed <= 0.005 * total) \
