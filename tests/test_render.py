@@ -39,7 +39,7 @@ def test_dispatch_and_objects_do_not_grow_with_the_pool_count():
     text = rendered("pools:\n" + pools)
     assert text.count("vmap @services4") == 2  # prerouting and output, not one rule per pool
     assert len(re.findall(r"198\.51\.100\.\d+ \. tcp \. 80 comment \"p\d+\" : goto hash4_tcp_53", text)) == 59
-    assert text.count("\tchain ") == 13 and text.count("\tmap ") == 10  # the same for 1 pool or 10,000
+    assert text.count("\tchain ") == 9 and text.count("\tmap ") == 10  # the same for 1 pool or 10,000
     assert len(re.findall(r"198\.51\.100\.\d+ \. 80 \. \d+ : 10\.0\.0\.[12] \. 80", text)) == 59 * 53
 
 
@@ -62,6 +62,7 @@ pools:
     assert 'elements = { 2001:db8::1 . 80 comment "one" : fd00::1 . 8080 }' in text  # direct6_tcp
     assert "dnat ip6 to ip6 daddr . tcp dport . jhash ip6 saddr . tcp sport mod 7 seed 0xabc map @slots6_tcp" in text
     assert "set refuse4 {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t}" in text  # nothing refused
+    assert "refuse_forward" not in text  # so no filter chain looks at every forwarded packet
 
 
 def test_all_drained_pool_is_refused_not_blackholed():

@@ -49,6 +49,9 @@ def test_last_backend_down_moves_the_pool_from_services_to_refuse():
     _, c = update.script(old, new)
     assert c.delete_elements == [("direct4_udp", ["198.51.100.2 . 53"]), ("services4", ["198.51.100.2 . udp . 53"])]
     assert c.add_elements == [("refuse4", ['198.51.100.2 . udp . 53 comment "dns"'])]
+    assert c.add_refuse and "chain refuse_forward {" in update.render.update("nftlb", 1, c)
+    _, back = update.script(new, old)
+    assert back.delete_chains == ["refuse_input", "refuse_forward", "refuse_output", "refuse"]
 
 
 def test_a_chain_used_by_no_pool_goes_and_a_new_one_comes():
