@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -57,6 +58,17 @@ class Problem:
 
 
 def _address(value: Any, what: str) -> IPAddress:
+    if isinstance(value, str):
+        return _parsed_address(value, what)
+    return _check_address(value, what)
+
+
+@lru_cache(maxsize=262144)  # a re-apply reads the same addresses twice (old and new file)
+def _parsed_address(value: str, what: str) -> IPAddress:
+    return _check_address(value, what)
+
+
+def _check_address(value: Any, what: str) -> IPAddress:
     """An address a packet can be sent to: not unspecified, multicast, loopback or link-local."""
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         addr = value

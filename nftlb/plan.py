@@ -7,7 +7,7 @@ Nothing here touches the kernel or the file system.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import reduce
+from functools import cached_property, reduce
 from math import gcd
 
 from nftlb import maglev
@@ -16,7 +16,7 @@ from nftlb.model import Config, IPAddress, Pool
 KINDS = {"hash": "hash", "source-hash": "srchash", "random": "random", "round-robin": "rr"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Endpoint:
     address: IPAddress
     port: int
@@ -25,6 +25,13 @@ class Endpoint:
         text = str(self.address)
         object.__setattr__(self, "nft", f"{text} . {self.port}")  # in a concatenation: addr . port
         object.__setattr__(self, "display", f"[{text}]:{self.port}" if self.address.version == 6 else f"{text}:{self.port}")
+
+    # compared and hashed by their spelling, which is unique: much cheaper than ipaddress's
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Endpoint) and self.nft == other.nft
+
+    def __hash__(self) -> int:
+        return hash(self.nft)
 
     def __str__(self) -> str:
         return self.nft
@@ -95,7 +102,7 @@ class PoolPlan:
     def service(self) -> str:
         return f"{Endpoint(self.vip, self.port).display}/{self.protocol}"
 
-    @property
+    @cached_property
     def active(self) -> tuple[Endpoint, ...]:
         """Backends taking new connections, in canonical order."""
         used = set(self.slots)
@@ -155,17 +162,24 @@ def build(config: Config, status: Status = Status()) -> Plan:
             mine.setdefault(pool, []).append((kind, backend))
     pools = []
     for p in config.pools:
-        key = (id(p), tuple(sorted(mine.get(p.name, ()))), status.last.get(p.name))
+        key = (_identity(p), tuple(sorted(mine.get(p.name, ()))), status.last.get(p.name))
         hit = _MEMO.get(key)
-        if hit is None or hit[0] is not p:
+        if hit is None:
             if len(_MEMO) > 4 * len(config.pools) + 1000:
                 _MEMO.clear()
-            hit = _MEMO[key] = (p, _pool(p, status))  # holding p keeps id(p) from being reused
-        pools.append(hit[1])
+            hit = _MEMO[key] = _pool(p, status)
+        pools.append(hit)
     return Plan(table=config.table, seed=config.seed, pools=tuple(pools))
 
 
-_MEMO: dict[tuple, tuple[Pool, "PoolPlan"]] = {}
+_MEMO: dict[tuple, "PoolPlan"] = {}
+
+
+def _identity(p: Pool) -> tuple:
+    """Everything of a pool that its plan depends on (besides the status), hashable: the same
+    pool read from two versions of a file is the same key."""
+    return (p.name, p.vip, p.port, p.protocol, p.scheduler, p.mode, p.persistence, p.table_size,
+            p.when_all_down, tuple((b.address, b.port, b.weight, b.state, b.backup) for b in p.backends))
 
 
 def _pool(pool: Pool, status: Status) -> PoolPlan:

@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from nftlb.errors import StateError
@@ -113,7 +113,7 @@ def load(state_dir: Path) -> Applied | None:
 
 
 def save(state_dir: Path, applied: Applied) -> None:
-    write_doc(state_dir, APPLIED, asdict(applied))
+    write_doc(state_dir, APPLIED, dict(vars(applied)))  # shallow: asdict() deep-copies a large status
 
 
 def clear(state_dir: Path) -> None:
