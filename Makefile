@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nftables python3-nftables iproute2 conntrack python3-venv
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: install deps test unit demo clean
+.PHONY: install deps test unit demo bench clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -30,6 +30,13 @@ unit: install
 
 demo: install
 	$(PY) integration/demo.py
+
+# Benchmarks (not part of `make test`): see bench/README.md. Several minutes; a quiet machine.
+bench: install
+	apt-get install -y -q --no-install-recommends wrk nginx-light haproxy iptables
+	$(PY) bench/hashing.py
+	$(PY) bench/controlplane.py --pools 10000 --rounds 3
+	$(PY) bench/dataplane.py --seconds 5 --rounds 3 --pools 10000
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -162,7 +162,8 @@ def build(config: Config, status: Status = Status()) -> Plan:
             mine.setdefault(pool, []).append((kind, backend))
     pools = []
     for p in config.pools:
-        key = (_identity(p), tuple(sorted(mine.get(p.name, ()))), status.last.get(p.name))
+        last = status.last.get(p.name) if p.when_all_down == "keep-last" else None  # matters only there
+        key = (_identity(p), tuple(sorted(mine.get(p.name, ()))), last)
         hit = _MEMO.get(key)
         if hit is None:
             if len(_MEMO) > 4 * len(config.pools) + 1000:
