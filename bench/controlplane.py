@@ -23,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import sandbox  # bench/sandbox.py: namespaces, cleanup
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-PREFIX = f"nlbcp{os.getpid()}"
-_made: list[str] = []
+PREFIX = sandbox.init("nlbcp")  # nlbcp<pid>-
 
 
 def sh(*argv: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,14 +55,12 @@ class Netns:
 
     def __enter__(self) -> str:
         Netns.counter += 1
-        self.name = f"{PREFIX}-{Netns.counter}"
-        sh("ip", "netns", "add", self.name)
-        _made.append(self.name)
+        self.name = f"{PREFIX}{Netns.counter}"
+        sandbox.add_namespaces([self.name])
         return self.name
 
     def __exit__(self, *exc) -> None:
-        sh("ip", "netns", "delete", self.name, check=False)
-        _made.remove(self.name)
+        sandbox.delete_namespaces([self.name])
 
 
 def pools_doc(n: int) -> dict:
@@ -197,8 +196,7 @@ def main() -> int:
     try:
         out = run(args)
     finally:
-        for ns in list(_made):
-            sh("ip", "netns", "delete", ns, check=False)
+        sandbox.cleanup_all()
     nft = sh("nft", "--version").stdout.strip()
     print(f"machine: {os.cpu_count()} cores, kernel {platform.release()}, {nft}, python {platform.python_version()}")
     print(f"{out['pools']} pools x 4 backends (IPv4, half tcp, half udp); {out['rounds']} rounds, fresh netns each "

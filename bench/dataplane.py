@@ -27,26 +27,25 @@ SIGTERM/SIGINT/SIGHUP handlers); every process it starts is killed.
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime
 import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+import sandbox  # bench/sandbox.py: namespaces, processes, cleanup
+from sandbox import IP, BenchError, cleanup_all, delete_namespaces, list_netns, log, mkdtemp, nsexec, run, stop_proc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-IP = shutil.which("ip") or "/usr/sbin/ip"
 SYSCTL = shutil.which("sysctl") or "/usr/sbin/sysctl"
 SYS_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
-PREFIX = f"nlbbench{os.getpid()}-"
+PREFIX = sandbox.init("nlbbench")  # nlbbench<pid>-
 VIP = "198.51.100.10"
 PORT = 80
 GW_CLIENT_ADDR = "192.0.2.1"
@@ -63,149 +62,6 @@ SCENARIOS = ["no-nat", "no-nat-ecmp", "nftlb-1", "nftlb-10k", "iptables-linear",
 EXTRA_SCENARIOS = ["no-nat-ct", "nft-minimal"]
 SINGLE_BACKEND = {"no-nat", "no-nat-ct"}  # the others must reach all 4 backends
 MAX_POOLS = 60000  # filler addressing scheme below supports up to 65535
-
-# ------------------------------------------------------------------ bookkeeping
-_live_ns: list[str] = []  # created and not yet deleted, in creation order
-_live_procs: list[subprocess.Popen] = []
-_tmpdirs: list[str] = []
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run(argv, *, timeout: float, check: bool = True, input: str | None = None, cwd=None) -> subprocess.CompletedProcess:
-    try:
-        cp = subprocess.run(list(argv), input=input, text=True, capture_output=True, timeout=timeout, cwd=cwd)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"timed out after {timeout}s: {' '.join(map(str, argv))[:300]}") from None
-    if check and cp.returncode != 0:
-        raise BenchError(
-            f"exit {cp.returncode}: {' '.join(map(str, argv))[:300]}\n"
-            f"stdout: {cp.stdout[-2000:]}\nstderr: {cp.stderr[-2000:]}"
-        )
-    return cp
-
-
-def nsexec(ns: str, *argv, timeout: float = 30, check: bool = True, input: str | None = None, cwd=None):
-    return run([IP, "netns", "exec", ns, *map(str, argv)], timeout=timeout, check=check, input=input, cwd=cwd)
-
-
-def list_netns() -> list[str]:
-    out = run([IP, "netns", "list"], timeout=10).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def stop_proc(proc: subprocess.Popen, grace: float = 3.0) -> None:
-    if proc.poll() is None:
-        try:
-            proc.terminate()
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-    if proc in _live_procs:
-        _live_procs.remove(proc)
-
-
-def kill_ns_pids(namespaces, grace: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL, whatever still runs in OUR namespaces."""
-    me = os.getpid()
-    pids = set()
-    for ns in namespaces:
-        cp = run([IP, "netns", "pids", ns], timeout=10, check=False)
-        pids |= {int(p) for p in cp.stdout.split() if p.isdigit() and int(p) != me}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
-            for pid in list(pids):
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            pids = {p for p in pids if pid_alive(p)}
-            if pids:
-                time.sleep(0.05)
-        if not pids:
-            return
-
-
-def delete_namespaces(namespaces) -> list[str]:
-    """Kill processes in and delete the given namespaces (only ever ours). Returns leftovers."""
-    todo = [ns for ns in namespaces if ns.startswith(PREFIX) or _is_dead_bench_ns(ns)]
-    if not todo:
-        return []
-    existing = set(list_netns())
-    todo = [ns for ns in todo if ns in existing]
-    kill_ns_pids(todo)
-    for ns in todo:
-        run([IP, "netns", "delete", ns], timeout=15, check=False)
-    left = set(list_netns())
-    for ns in namespaces:
-        if ns not in left and ns in _live_ns:
-            _live_ns.remove(ns)
-    return [ns for ns in todo if ns in left]
-
-
-def _is_dead_bench_ns(ns: str) -> bool:
-    m = re.match(r"nlbbench(\d+)-", ns)
-    return bool(m) and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1)))
-
-
-def cleanup_all() -> None:
-    for proc in list(_live_procs):
-        try:
-            stop_proc(proc)
-        except Exception:  # noqa: BLE001 - keep cleaning
-            pass
-    try:
-        left = delete_namespaces(list(_live_ns))
-        if left:
-            log(f"WARNING: could not delete namespaces {left}")
-    except Exception as exc:  # noqa: BLE001
-        log(f"WARNING: cleanup failed: {exc}")
-    for d in list(_tmpdirs):
-        shutil.rmtree(d, ignore_errors=True)
-        _tmpdirs.remove(d)
-
-
-atexit.register(cleanup_all)
-
-
-def _on_signal(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def mkdtemp(tag: str) -> str:
-    d = tempfile.mkdtemp(prefix=f"{PREFIX}{tag}-")
-    _tmpdirs.append(d)
-    return d
 
 
 # ------------------------------------------------------------------ the lab
@@ -235,16 +91,8 @@ class Lab:
                     raise BenchError(f"sysctl {s} in {ns}: {cp.stderr.strip()}")
                 self.sysctl_notes.append(f"{s}: {cp.stderr.strip() or 'failed'}")
 
-    def _batch(self, ns: str, cmds: list[str]) -> None:
-        run([IP, "-n", ns, "-batch", "-"], input="".join(c + "\n" for c in cmds), timeout=30)
-
     def _build(self) -> None:
-        clash = set(self.namespaces) & set(list_netns())
-        if clash:
-            raise BenchError(f"namespaces already exist: {sorted(clash)}")
-        for ns in self.namespaces:
-            _live_ns.append(ns)  # recorded first: a partial failure is cleaned up too
-            run([IP, "netns", "add", ns], timeout=10)
+        sandbox.add_namespaces(self.namespaces)
 
         gw = ["link set lo up",
               f"link add c0 type veth peer name eth0 netns {self.client}",
@@ -254,12 +102,12 @@ class Lab:
                    f"link set vb{i} master br0", f"link set vb{i} up"]
         gw += ["link set c0 up", "link set br0 up",
                f"addr add {GW_CLIENT_ADDR}/24 dev c0", f"addr add {GW_BACKEND_ADDR}/24 dev br0"]
-        self._batch(self.gw, gw)
-        self._batch(self.client, ["link set lo up", "link set eth0 up", f"addr add {CLIENT_ADDR}/24 dev eth0",
-                                  f"route add default via {GW_CLIENT_ADDR} dev eth0"])
+        sandbox.ip_batch(self.gw, gw)
+        sandbox.ip_batch(self.client, ["link set lo up", "link set eth0 up", f"addr add {CLIENT_ADDR}/24 dev eth0",
+                                       f"route add default via {GW_CLIENT_ADDR} dev eth0"])
         for ns, addr in self.backends:
-            self._batch(ns, ["link set lo up", "link set eth0 up", f"addr add {addr}/24 dev eth0",
-                             f"route add default via {GW_BACKEND_ADDR} dev eth0"])
+            sandbox.ip_batch(ns, ["link set lo up", "link set eth0 up", f"addr add {addr}/24 dev eth0",
+                                  f"route add default via {GW_BACKEND_ADDR} dev eth0"])
 
         # sysctls, all inside our namespaces
         self._sysctl(self.gw, "net.ipv4.ip_forward=1", "net.ipv4.ip_local_port_range=1024 65535")
@@ -273,31 +121,15 @@ class Lab:
         self._sysctl(self.client, "net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1")
         for ns, _ in self.backends:
             self._sysctl(ns, "net.core.somaxconn=8192", "net.ipv4.tcp_max_syn_backlog=8192")
-        self._wait_carrier()
-
-    def _wait_carrier(self, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            down = []
-            for ns in self.namespaces:
-                links = json.loads(run([IP, "-n", ns, "-j", "link", "show"], timeout=10).stdout or "[]")
-                down += [f"{ns}:{l['ifname']}" for l in links
-                         if l["ifname"] != "lo" and "LOWER_UP" not in l.get("flags", [])]
-            if not down:
-                return
-            if time.monotonic() > deadline:
-                raise BenchError(f"no carrier after {timeout}s: {down}")
-            time.sleep(0.05)
+        sandbox.wait_carrier(self.namespaces)
 
     def popen(self, ns: str, argv, logname: str) -> subprocess.Popen:
         out = open(os.path.join(self.dir, logname), "wb")
         try:
-            proc = subprocess.Popen([IP, "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = sandbox.popen(ns, argv, stdout=out, stderr=subprocess.STDOUT)
         finally:
             out.close()
         self.procs.append(proc)
-        _live_procs.append(proc)
         return proc
 
     def wait_listening(self, ns: str, addr: str, port: int, proc: subprocess.Popen, logname: str,
@@ -374,9 +206,7 @@ http {{
             stop_proc(proc)
         self.procs = []
         left = delete_namespaces(self.namespaces)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        if self.dir in _tmpdirs:
-            _tmpdirs.remove(self.dir)
+        sandbox.remove_tmpdir(self.dir)
         if left:
             raise BenchError(f"could not delete namespaces {left}")
 
@@ -860,14 +690,13 @@ def main(argv=None) -> int:
     if missing:
         p.error(f"missing tools: {missing} (apt-get install -y wrk nginx-light haproxy iptables)")
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    sandbox.catch_signals()
 
     t0 = time.monotonic()
     records = []
     try:
         # namespaces left behind by an earlier, killed run of this script
-        stale = [ns for ns in list_netns() if _is_dead_bench_ns(ns)]
+        stale = sandbox.stale_namespaces()
         if stale:
             log(f"removing {len(stale)} stale namespaces of dead benchmark runs")
             delete_namespaces(stale)

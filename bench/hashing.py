@@ -145,7 +145,6 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] in ("_server", "
 # ======================================================================= orchestration
 
 import argparse  # noqa: E402
-import atexit  # noqa: E402
 import datetime  # noqa: E402
 import ipaddress  # noqa: E402
 import math  # noqa: E402
@@ -153,9 +152,7 @@ import random  # noqa: E402
 import re  # noqa: E402
 import select  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -163,14 +160,16 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)  # nftlb.maglev: the kernel's jhash, for the flow-by-flow prediction
 from nftlb import maglev  # noqa: E402
 
-IP = shutil.which("ip") or "/usr/sbin/ip"
+import sandbox  # noqa: E402  (bench/sandbox.py: namespaces, processes, cleanup)
+from sandbox import BenchError, delete_namespaces, list_netns, log, nsexec  # noqa: E402
+
 NFT = shutil.which("nft") or "/usr/sbin/nft"
 CONNTRACK = shutil.which("conntrack") or "/usr/sbin/conntrack"
 SS = shutil.which("ss") or "/usr/bin/ss"
 SYSCTL = shutil.which("sysctl") or "/usr/sbin/sysctl"
 PY = sys.executable  # the venv's python: runs nftlb, and the stdlib peers above
 
-PREFIX = f"nlbhash{os.getpid()}-"
+PREFIX = sandbox.init("nlbhash")  # nlbhash<pid>-
 CLIENT_ADDR, GW_CLIENT_ADDR = "192.0.2.2", "192.0.2.1"
 GW_BACKEND_ADDR, BACKEND_HOST_ADDR = "10.0.0.1", "10.0.0.2"
 VIP, PORT, BPORT = "198.51.100.10", 80, 8080
@@ -185,156 +184,6 @@ def backend_addr(i: int) -> str:  # 1-based
     return f"10.0.1.{i}"
 
 
-_live_ns: list[str] = []
-_live_procs: list[subprocess.Popen] = []
-_tmpdirs: list[str] = []
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run(argv, *, timeout: float, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
-    argv = [str(a) for a in argv]
-    try:
-        cp = subprocess.run(argv, input=input, text=True, capture_output=True, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"timed out after {timeout}s: {' '.join(argv)[:300]}") from None
-    if check and cp.returncode != 0:
-        raise BenchError(f"exit {cp.returncode}: {' '.join(argv)[:300]}\n"
-                         f"stdout: {cp.stdout[-2000:]}\nstderr: {cp.stderr[-2000:]}")
-    return cp
-
-
-def nsexec(ns: str, *argv, timeout: float = 30, check: bool = True, input: str | None = None):
-    return run([IP, "netns", "exec", ns, *argv], timeout=timeout, check=check, input=input)
-
-
-def list_netns() -> list[str]:
-    return [l.split()[0] for l in run([IP, "netns", "list"], timeout=10).stdout.splitlines() if l.strip()]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def stop_proc(proc: subprocess.Popen, grace: float = 3.0) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # its own session: `ip netns exec` and the python under it
-        except (ProcessLookupError, PermissionError):
-            proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                proc.kill()
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            try:
-                stream.close()
-            except OSError:
-                pass
-    if proc in _live_procs:
-        _live_procs.remove(proc)
-
-
-def delete_namespaces(namespaces) -> list[str]:
-    """SIGTERM/SIGKILL whatever runs in OUR namespaces, then delete them.  Returns leftovers."""
-    todo = [ns for ns in namespaces if ns.startswith("nlbhash")]
-    existing = set(list_netns())
-    todo = [ns for ns in todo if ns in existing]
-    if not todo:
-        return []
-    me = os.getpid()
-    pids = set()
-    for ns in todo:
-        out = run([IP, "netns", "pids", ns], timeout=10, check=False).stdout
-        pids |= {int(p) for p in out.split() if p.isdigit() and int(p) != me}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 3.0
-        while pids and time.monotonic() < deadline:
-            for pid in list(pids):
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            pids = {p for p in pids if pid_alive(p)}
-            if pids:
-                time.sleep(0.05)  # polling interval of a bounded wait
-        if not pids:
-            break
-    for ns in todo:
-        run([IP, "netns", "delete", ns], timeout=15, check=False)
-    left = set(list_netns())
-    for ns in todo:
-        if ns not in left and ns in _live_ns:
-            _live_ns.remove(ns)
-    return [ns for ns in todo if ns in left]
-
-
-def sweep_stale() -> list[str]:
-    """Namespaces of an earlier run of this script whose process is dead."""
-    stale = []
-    for ns in list_netns():
-        m = re.match(r"nlbhash(\d+)-", ns)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
-            stale.append(ns)
-    if stale:
-        log(f"deleting namespaces left by a dead earlier run: {stale}")
-        delete_namespaces(stale)
-    return stale
-
-
-def cleanup_all() -> None:
-    for proc in list(_live_procs):
-        try:
-            stop_proc(proc)
-        except Exception:  # noqa: BLE001 - keep cleaning
-            pass
-    try:
-        left = delete_namespaces(list(_live_ns))
-        if left:
-            log(f"WARNING: could not delete namespaces {left}")
-    except Exception as exc:  # noqa: BLE001
-        log(f"WARNING: cleanup failed: {exc}")
-    for d in list(_tmpdirs):
-        shutil.rmtree(d, ignore_errors=True)
-        _tmpdirs.remove(d)
-
-
-atexit.register(cleanup_all)
-
-
-def _on_signal(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 # ----------------------------------------------------------------------- the lab
 class Lab:
     def __init__(self, nbackends: int, tmp: str):
@@ -342,13 +191,8 @@ class Lab:
         self.tmp = tmp
         self.state = os.path.join(tmp, "state")
         self.server: subprocess.Popen | None = None
-        clash = {self.client, self.gw, self.be} & set(list_netns())
-        if clash:
-            raise BenchError(f"namespaces already exist: {sorted(clash)}")
-        for ns in (self.client, self.gw, self.be):
-            _live_ns.append(ns)  # recorded first: a partial failure is cleaned up too
-            run([IP, "netns", "add", ns], timeout=10)
-        self._batch(self.gw, [
+        sandbox.add_namespaces([self.client, self.gw, self.be])
+        sandbox.ip_batch(self.gw, [
             "link set lo up",
             f"link add c0 type veth peer name eth0 netns {self.client}",
             f"link add g0 type veth peer name eth0 netns {self.be}",
@@ -356,39 +200,20 @@ class Lab:
             "link set c0 up", "link set g0 up",
             f"route add 10.0.1.0/24 via {BACKEND_HOST_ADDR} dev g0",
         ])
-        self._batch(self.client, ["link set lo up", f"addr add {CLIENT_ADDR}/24 dev eth0", "link set eth0 up",
-                                  f"route add default via {GW_CLIENT_ADDR} dev eth0"])
-        self._batch(self.be, ["link set lo up", f"addr add {BACKEND_HOST_ADDR}/24 dev eth0", "link set eth0 up",
-                              f"route add default via {GW_BACKEND_ADDR} dev eth0"]
-                    + [f"addr add {backend_addr(i)}/32 dev lo" for i in range(1, nbackends + 1)])
+        sandbox.ip_batch(self.client, ["link set lo up", f"addr add {CLIENT_ADDR}/24 dev eth0",
+                                       "link set eth0 up", f"route add default via {GW_CLIENT_ADDR} dev eth0"])
+        sandbox.ip_batch(self.be, ["link set lo up", f"addr add {BACKEND_HOST_ADDR}/24 dev eth0", "link set eth0 up",
+                                   f"route add default via {GW_BACKEND_ADDR} dev eth0"]
+                         + [f"addr add {backend_addr(i)}/32 dev lo" for i in range(1, nbackends + 1)])
         # sysctls: only inside our namespaces
         nsexec(self.gw, SYSCTL, "-q", "-w", "net.ipv4.ip_forward=1", timeout=10)
         nsexec(self.be, SYSCTL, "-q", "-w", "net.core.somaxconn=4096", "net.ipv4.tcp_max_syn_backlog=4096",
                timeout=10)
-        self._wait_carrier()
-
-    def _batch(self, ns: str, cmds: list[str]) -> None:
-        run([IP, "-n", ns, "-batch", "-"], input="".join(c + "\n" for c in cmds), timeout=30)
-
-    def _wait_carrier(self, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            down = []
-            for ns in (self.client, self.gw, self.be):
-                links = json.loads(run([IP, "-n", ns, "-j", "link", "show"], timeout=10).stdout or "[]")
-                down += [f"{ns}:{l['ifname']}" for l in links
-                         if l["ifname"] != "lo" and "LOWER_UP" not in l.get("flags", [])]
-            if not down:
-                return
-            if time.monotonic() > deadline:
-                raise BenchError(f"no carrier after {timeout}s: {down}")
-            time.sleep(0.05)  # polling interval of a bounded wait
+        sandbox.wait_carrier([self.client, self.gw, self.be])
 
     def start_server(self, timeout: float = 10.0) -> None:
-        proc = subprocess.Popen([IP, "netns", "exec", self.be, PY, os.path.abspath(__file__), "_server", str(BPORT)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-        _live_procs.append(proc)
+        proc = sandbox.popen(self.be, [PY, os.path.abspath(__file__), "_server", BPORT],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.server = proc
         ready, _, _ = select.select([proc.stdout], [], [], timeout)
         line = proc.stdout.readline().decode(errors="replace").strip() if ready else ""
@@ -398,7 +223,7 @@ class Lab:
 
     # -- nftlb, nft, conntrack in gw
     def nftlb(self, *args, timeout: float = 60) -> subprocess.CompletedProcess:
-        return nsexec(self.gw, PY, "-m", "nftlb", *args, "--state-dir", self.state, timeout=timeout)
+        return nsexec(self.gw, PY, "-m", "nftlb", *args, "--state-dir", self.state, timeout=timeout, cwd=REPO)
 
     def explain(self, path: str) -> dict:
         return json.loads(self.nftlb("explain", path, POOL, "--json").stdout)
@@ -478,7 +303,7 @@ class Lab:
 
     def teardown(self) -> None:
         if self.server is not None:
-            stop_proc(self.server)
+            sandbox.stop_proc(self.server)
             self.server = None
         left = delete_namespaces([self.client, self.gw, self.be])
         if left:
@@ -763,13 +588,14 @@ def main() -> int:
         ap.error(f"every N must be between 2 and {MAX_BACKENDS}")
     if os.geteuid() != 0:
         ap.error("needs root (network namespaces, nftables)")
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    sandbox.catch_signals()
 
     started = time.monotonic()
-    sweep_stale()
-    tmp = tempfile.mkdtemp(prefix=PREFIX)
-    _tmpdirs.append(tmp)
+    stale = sandbox.stale_namespaces()
+    if stale:
+        log(f"deleting namespaces left by a dead earlier run: {stale}")
+        delete_namespaces(stale)
+    tmp = sandbox.mkdtemp()
     results: list[dict] = []
     error = None
     lab = None
@@ -790,14 +616,13 @@ def main() -> int:
         error = f"interrupted ({exc or 'SIGINT'})"
         log(f"\nFAILED: {error}")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        sandbox.ignore_signals()  # a second signal must not cut the cleanup short
         if lab is not None:
             try:
                 lab.teardown()
             except BenchError as exc:
                 log(f"WARNING: {exc}")
-        cleanup_all()
+        sandbox.cleanup_all()
         left = [ns for ns in list_netns() if ns.startswith(PREFIX)]
         if left:
             log(f"WARNING: namespaces left behind: {left}")
