@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,8 +22,6 @@ from nftlb.errors import EXIT_DIFFERENT, EXIT_SYSTEM, ConfigError, NftlbError, U
 
 app = typer.Typer(
     name="nftlb",
-    help="A Layer-4 load balancer made of the kernel's own nftables.\n\n"
-    "Write pools.yaml (virtual IP:port -> backends), then `nftlb apply pools.yaml`.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -33,6 +32,11 @@ app = typer.Typer(
 class _Opts:
     debug = False
     json = False
+
+
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
 
 
 class BackendName(str, Enum):
@@ -64,8 +68,23 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log debug detail too.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Log warnings and errors only.")] = False,
+    log_format: Annotated[LogFormat, typer.Option("--log-format", help="Log lines on stderr: text "
+                                                  "(journald-friendly) or json (one object per line).")] = LogFormat.text,
 ) -> None:
+    """A Layer-4 load balancer made of the kernel's own nftables.
+
+    Write pools.yaml (virtual IP:port -> backends), then `nftlb apply pools.yaml`.
+
+    \b
+    Examples:
+      nftlb apply --dry-run /etc/nftlb/pools.yaml
+      nftlb status
+      nftlb --install-completion        # shell completion for bash, zsh or fish
+    """
     _Opts.debug = debug
+    _logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, log_format.value)
 
 
 def _out(as_json: bool, doc: dict, text: str) -> None:
@@ -206,6 +225,8 @@ def watch(
     state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=10000,
                                              help="Probes in flight at once.")] = 256,
+    metrics_at: Annotated[Optional[str], typer.Option(
+        "--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics there (PORT alone: on 127.0.0.1).")] = None,
 ) -> None:
     """Probe every backend over TCP; take dead ones out and bring them back, one small
     transaction per change. Applies FILE first; SIGHUP re-applies it; SIGTERM stops.
@@ -214,14 +235,17 @@ def watch(
     Examples:
       nftlb watch /etc/nftlb/pools.yaml
       nftlb watch /etc/nftlb/pools.yaml --once     # from cron
+      nftlb watch /etc/nftlb/pools.yaml --metrics 127.0.0.1:9650
     """
-    _logging()
     nft = _kernel(backend)
     if once:
         if not watcher.once(file, nft, state_dir, concurrency=concurrency):
             raise typer.Exit(EXIT_SYSTEM)
         return
-    raise typer.Exit(watcher.serve(file, nft, state_dir, concurrency=concurrency))
+    if metrics_at is not None:
+        from nftlb import metrics
+        metrics.listen_address(metrics_at)  # a bad address is a usage error before anything starts
+    raise typer.Exit(watcher.serve(file, nft, state_dir, concurrency=concurrency, metrics_at=metrics_at))
 
 
 PoolArg = Annotated[str, typer.Argument(help="Pool name.", metavar="POOL")]
@@ -333,6 +357,123 @@ def explain(
     _out(as_json, e, "\n".join(lines) + "\n")
 
 
+@app.command()
+def status(backend: BackendOpt = None, state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+           as_json: JsonOpt = False) -> None:
+    """Per pool and backend: configured state, health, new connections and bytes (kernel
+    counters, since the table was loaded), and connections open now (conntrack).
+
+    \b
+    Examples:
+      nftlb status
+      nftlb status --json | jq '.pools[].backends[] | select(.health.up == false)'
+    """
+    from nftlb import status as statuslib
+
+    _Opts.json = as_json
+    doc = statuslib.collect(_kernel(backend), state_dir)
+    _out(as_json, doc, statuslib.text(doc))
+
+
+@app.command()
+def metrics(
+    textfile: Annotated[Path, typer.Option("--textfile", help="Write Prometheus text here (node_exporter's "
+                                           "textfile collector), atomically.")],
+    backend: BackendOpt = None,
+    state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+) -> None:
+    """Write the metrics once, for cron setups (`nftlb watch --metrics` serves them live).
+
+    \b
+    Example:
+      nftlb metrics --textfile /var/lib/node_exporter/textfile/nftlb.prom
+    """
+    from nftlb import metrics as metricslib, status as statuslib
+
+    nft = _kernel(backend)
+    statuslib.collect(nft, state_dir)  # fail loudly (exit 3) rather than write a file that says 0
+    metricslib.textfile(metricslib.registry(lambda: nft, state_dir), textfile)
+    typer.echo(f"wrote {textfile}")
+
+
+@app.command()
+def history(state_dir: StateDirOpt = Path(state.DEFAULT_DIR), as_json: JsonOpt = False) -> None:
+    """List the kept generations (the last 10 applied files), newest first; * marks the live one.
+
+    \b
+    Example:
+      nftlb history
+    """
+    _Opts.json = as_json
+    entries = ops.history(state_dir)
+    lines = [f"{'':1} {'#':>4}  {'applied (UTC)':19}  {'sha256':12}  {'file':24}  what changed"]
+    for e in entries:
+        when = datetime.fromtimestamp(e["applied_at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"{'*' if e['live'] else '':1} {e['id']:>4}  {when:19}  {e['sha256'][:12]}  "
+                     f"{e['source'][-24:]:24}  {e['summary']}")
+    _out(as_json, {"generations": entries},
+         "\n".join(lines) + "\n" if entries else f"no generations kept in {state_dir} yet\n")
+
+
+@app.command()
+def rollback(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the diff; change nothing.")] = False,
+    backend: BackendOpt = None,
+    state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+    as_json: JsonOpt = False,
+) -> None:
+    """Put back the generation applied before the live one, in one transaction; run it again to
+    go one further back. Health and drains stay as they are now.
+
+    \b
+    Examples:
+      nftlb rollback --dry-run
+      nftlb rollback
+    """
+    _Opts.json = as_json
+    target, r = ops.rollback(_kernel(backend), state_dir, dry_run=dry_run)
+    when = datetime.fromtimestamp(target["applied_at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    what = f"generation #{target['id']} ({target['source']}, applied {when}: {target['summary']})"
+    if r.action == "dry-run":
+        text = _drift(r.diff) + r.diff.changes + f"dry run: would roll back to {what}; nothing was changed\n"
+    elif r.action == "in-sync":
+        text = f"rolled back to {what}; the kernel already matched it\n"
+    else:
+        text = f"rolled back to {what} in {r.seconds:.2f} s\n"
+    _out(as_json, {"generation": target, **r.as_dict()}, text)
+
+
+@app.command()
+def doctor(
+    file: Annotated[Optional[Path], typer.Argument(help="The pools file to check against (optional).",
+                                                   metavar="[FILE]")] = None,
+    backend: BackendOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pre-flight checks, one verdict per line: kernel features, nft, forwarding, rp_filter,
+    conntrack capacity, where each VIP lives, and listeners DNAT would shadow. Exit 1 when
+    something blocks traffic.
+
+    \b
+    Examples:
+      nftlb doctor
+      nftlb doctor /etc/nftlb/pools.yaml
+    """
+    from nftlb import doctor as doctorlib
+
+    _Opts.json = as_json
+    config = model.load(file) if file is not None else None
+    try:
+        nft = _kernel(backend)
+    except NftlbError:
+        nft = None
+    checks = doctorlib.run(config, nft)
+    code = doctorlib.exit_code(checks)
+    _out(as_json, {"ok": code == 0, "checks": [c.as_dict() for c in checks]}, doctorlib.text(checks))
+    if code:
+        raise typer.Exit(code)
+
+
 def _client(text: str) -> tuple[str, int | None]:
     try:
         parsed = model._parse_short(text)
@@ -342,20 +483,33 @@ def _client(text: str) -> tuple[str, int | None]:
     return parsed["address"].strip("[]"), parsed.get("port")
 
 
-def _logging() -> None:
-    """One line per event on stderr: journald adds time and unit; the level leads when it matters."""
+def _logging(level: int = logging.INFO, fmt: str = "text") -> None:
+    """One line per event on stderr. text: journald adds time and unit, the level leads when it
+    matters; json: one object per line, for log shippers."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname_)s%(message)s"))
-    handler.addFilter(_level_prefix)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname_)s%(message)s"))
+        handler.addFilter(_level_prefix)
     logger = logging.getLogger("nftlb")
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     logger.propagate = False
 
 
 def _level_prefix(record: logging.LogRecord) -> bool:
     record.levelname_ = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
     return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage(),
+               "pid": record.process}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
 
 
 def _report(e: NftlbError) -> None:

@@ -29,7 +29,9 @@ def normalize(listing: str) -> dict[str, dict]:
             if kind == "metainfo":
                 continue
             body = _clean(body)
-            if "timeout" in body.get("flags", ()):  # elements come and go with traffic
+            # elements that come and go with traffic: maps with timeouts, and the accounting sets
+            # (a counter per element; nft 1.0.6 leaves "dynamic" out of JSON listings)
+            if {"timeout", "dynamic"} & set(body.get("flags", ())) or "stmt" in body:
                 body.pop("elem", None)
             if kind == "rule":
                 out.setdefault(f"chain {body.get('chain')}", {}).setdefault("rules", []).append(body)

@@ -23,7 +23,7 @@ def of_pool(p: PoolPlan) -> dict[str, dict[str, str]]:
     """Object name -> {key: element} for one pool."""
     name = ident(p.name)
     service, vip = _service(p), f"{p.vip} . {p.port}"
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, dict[str, str]] = {f"pools{p.fam}": {service: service}}  # what the accounting counts
     if p.slots:
         out[f"services{p.fam}"] = {service: f'{service} comment "{name}" : goto {ident(p.chain)}'}
     else:

@@ -15,6 +15,8 @@ is replaced.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -187,7 +189,7 @@ class Result:
 
 
 def _commit(nft: Backend, state_dir: Path, want: Desired, old: planlib.Plan | None, *, check: bool = False,
-            retire: str | None = None) -> update.Changes | None:
+            retire: str | None = None, history_id: int | None = None) -> update.Changes | None:
     """One transaction from `old` (None: unknown, replace the whole table) to `want`, then the record."""
     if old is None:
         script, changes = want.script, None
@@ -212,7 +214,7 @@ def _commit(nft: Backend, state_dir: Path, want: Desired, old: planlib.Plan | No
         table=want.plan.table, applied_at=time.time(), source=want.source, source_text=want.source_text,
         status=planlib.Status(want.status.down, want.status.drained, want.plan.last_in_use(want.status)).as_dict(),
         generation=after if after == before + commits else None,  # someone else committed in between: unsure
-        snapshot=snapshot, backend=nft.name, version=__version__,
+        snapshot=snapshot, backend=nft.name, version=__version__, history_id=history_id,
     ))
     return changes
 
@@ -263,10 +265,26 @@ def apply(path: str | Path, nft: Backend, state_dir: Path, *, dry_run: bool = Fa
     if dry_run:
         return _apply(str(path), text, nft, state_dir, dry_run=True, started=started)
     with state.lock(state_dir):
-        return _apply(str(path), text, nft, state_dir, dry_run=False, started=started)
+        return _counted(state_dir, lambda: _apply(str(path), text, nft, state_dir, dry_run=False, started=started))
 
 
-def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bool, started: float) -> Result:
+def _counted(state_dir: Path, run) -> Result:
+    """Count the apply (or its failure) for the metrics."""
+    try:
+        result = run()
+    except (KernelError, StateError):
+        try:
+            state.bump_stats(state_dir, failed=True)
+        except StateError:
+            pass
+        raise
+    if result.action == "applied":
+        state.bump_stats(state_dir, applied=True)
+    return result
+
+
+def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bool, started: float,
+           rollback_to: dict | None = None) -> Result:
     applied = state.load(state_dir)
     want = _desired(source, text, status_of(state_dir, applied))
     table = want.plan.table
@@ -281,12 +299,68 @@ def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bo
         retire = None
         if applied is not None and applied.table != table and _exists(nft, applied.table):
             retire = applied.table
-        changes = _commit(nft, state_dir, want, old, check=dry_run, retire=retire)
+        # history: a new entry when the file changed; a rollback points at the entry it restores
+        current = applied.history_id if applied is not None else None
+        if rollback_to is not None:
+            history_id, entry = rollback_to["id"], None
+        elif applied is None or applied.source_text != text or applied.table != table or current is None:
+            history_id = state.next_history_id(state_dir)
+            entry = {"applied_at": time.time(), "source": source, "table": table,
+                     "sha256": hashlib.sha256(text.encode()).hexdigest(), "summary": _summary_line(result),
+                     "source_text": text}
+        else:
+            history_id, entry = current, None
+        changes = _commit(nft, state_dir, want, old, check=dry_run, retire=retire, history_id=history_id)
+        if entry is not None and not dry_run:
+            state.add_history(state_dir, entry, history_id, after=current)
         touched = len(result.pools_added) + len(result.pools_removed) + len(result.pools_changed)
         result.transaction = "whole table" if changes is None else f"{touched} pools"
         result.action = "dry-run" if dry_run else "applied"
+    elif rollback_to is not None and not dry_run:  # the kernel already matches: only the record moves
+        state.save(state_dir, dataclasses.replace(applied, source=source, source_text=text,
+                                                  history_id=rollback_to["id"]))
     result.seconds = time.monotonic() - started
     return result
+
+
+def _summary_line(r: Result) -> str:
+    s = r.summary
+    parts = [f"{s['pools']} pools, {s['backends']} backends"]
+    for verb, names in (("added", r.pools_added), ("removed", r.pools_removed), ("changed", r.pools_changed)):
+        if names:
+            parts.append(f"{verb} {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
+    return "; ".join(parts)
+
+
+def history(state_dir: Path) -> list[dict]:
+    """The kept generations, newest first, without their file texts; `live` marks the one loaded."""
+    applied = state.load(state_dir)
+    current = applied.history_id if applied is not None else None
+    return [{k: v for k, v in e.items() if k != "source_text"} | {"live": e.get("id") == current}
+            for e in reversed(state.history(state_dir))]
+
+
+def rollback(nft: Backend, state_dir: Path, *, dry_run: bool = False) -> tuple[dict, Result]:
+    """Put back the generation applied before the live one, in one transaction (with today's
+    health and drains). A second rollback goes one further back."""
+    started = time.monotonic()
+    state_dir = Path(state_dir)
+    with state.lock(state_dir):
+        applied = state.load(state_dir)
+        if applied is None:
+            raise StateError(f"nothing applied yet in {state_dir}: nothing to roll back")
+        entries = state.history(state_dir)
+        current = applied.history_id if applied.history_id is not None else (entries[-1]["id"] if entries else 0)
+        earlier = [e for e in entries if e["id"] < current]
+        if not earlier:
+            raise UsageError(f"no generation before #{current} is kept in {state_dir / state.HISTORY} "
+                             f"(see `nftlb history`)")
+        target = earlier[-1]
+        _parse(target["source_text"], target["source"])  # a generation this nftlb cannot read stops here
+        run = lambda: _apply(target["source"], target["source_text"], nft, state_dir, dry_run=dry_run,  # noqa: E731
+                             started=started, rollback_to=target)
+        result = run() if dry_run else _counted(state_dir, run)
+        return {k: v for k, v in target.items() if k != "source_text"}, result
 
 
 def _pool_changes(result: Result, applied: state.Applied | None, new: planlib.Plan) -> None:
@@ -320,7 +394,7 @@ def refresh(nft: Backend, state_dir: Path, *, whole_table: bool = False) -> Refr
     if not whole_table and old == want.plan:
         return Refresh([], False, want.plan)
     trusted = not whole_table and inspect(nft, applied, want.plan.table).trusted
-    changes = _commit(nft, state_dir, want, old if trusted else None)
+    changes = _commit(nft, state_dir, want, old if trusted else None, history_id=applied.history_id)
     before = {p.name: p for p in (old.pools if old else ())}
     changed = [p.name for p in want.plan.pools if before.get(p.name) != p]
     return Refresh(changed if changes is not None else [p.name for p in want.plan.pools], changes is None, want.plan)

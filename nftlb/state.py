@@ -6,6 +6,8 @@ Layout (dir 0700, files 0600, every file written atomically):
                   commit, and (for tables small enough to list cheaply) a normalized listing
   health.json     the watcher's view: per backend up/down, streaks, since, last probe
   overrides.json  operator drains (`nftlb drain`), kept across restarts and re-applies
+  stats.json      counts for the metrics: applies, failed applies, last success, transitions
+  history/N.json  the last HISTORY_KEEP applied pools files (`nftlb history`, `nftlb rollback`)
   lock            flock()ed around every change to the kernel or to these files
   watch.lock      held by the one running watcher
 """
@@ -28,6 +30,9 @@ DEFAULT_DIR = "/var/lib/nftlb"
 APPLIED = "applied.json"
 HEALTH = "health.json"
 OVERRIDES = "overrides.json"
+STATS = "stats.json"
+HISTORY = "history"
+HISTORY_KEEP = 10
 FORMAT = 1
 
 
@@ -42,6 +47,7 @@ class Applied:
     snapshot: dict | None  # normalized JSON listing of the table then (None: too large to list cheaply)
     backend: str
     version: str
+    history_id: int | None = None  # the history entry of the file that is live (None: before history)
 
 
 def _ensure_dir(state_dir: Path) -> None:
@@ -183,3 +189,66 @@ def watch_lock(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def bump_stats(state_dir: Path, *, applied: bool = False, failed: bool = False,
+               transitions: list[tuple[str, str, bool]] = ()) -> None:
+    """Count an apply (successful or failed) and health transitions (pool, backend, up) in
+    stats.json, under a lock of its own: the watcher and the CLI both count."""
+    fd = _flock(Path(state_dir) / "stats.lock", 10.0, f"cannot lock {state_dir}/stats.lock")
+    try:
+        try:
+            doc = read_doc(state_dir, STATS) or {}
+        except StateError:
+            doc = {}  # unreadable counts start over rather than block an apply
+        if applied:
+            doc["applies"] = doc.get("applies", 0) + 1
+            doc["last_apply_success"] = time.time()
+        if failed:
+            doc["apply_failures"] = doc.get("apply_failures", 0) + 1
+        counts = doc.setdefault("transitions", {})
+        for pool, backend, up in transitions:
+            entry = counts.setdefault(f"{pool}|{backend}", {"up": 0, "down": 0})
+            entry["up" if up else "down"] += 1
+        write_doc(state_dir, STATS, doc)
+    finally:
+        os.close(fd)
+
+
+# -- history: the applied files, for `nftlb history` and `nftlb rollback` ------------
+
+
+def history(state_dir: Path) -> list[dict]:
+    """The kept entries, oldest first: {id, applied_at, source, sha256, summary, source_text}."""
+    folder = Path(state_dir) / HISTORY
+    try:
+        names = sorted((int(p.stem), p) for p in folder.glob("*.json") if p.stem.isdigit())
+    except OSError as e:
+        raise StateError(f"cannot read {folder}: {e.strerror}") from None
+    out = []
+    for _, path in names:
+        doc = read_doc(folder, path.name)
+        if doc is not None:
+            out.append(doc)
+    return out
+
+
+def next_history_id(state_dir: Path) -> int:
+    folder = Path(state_dir) / HISTORY
+    ids = [int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()] if folder.is_dir() else []
+    return max(ids, default=0) + 1
+
+
+def add_history(state_dir: Path, entry: dict, new: int, after: int | None) -> None:
+    """Record a newly applied file as entry `new`; entries newer than `after` (the one live
+    before, when it was rolled back to) are dropped, as is everything beyond the newest
+    HISTORY_KEEP."""
+    folder = Path(state_dir) / HISTORY
+    _ensure_dir(folder)
+    ids = sorted(int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit() and int(p.stem) != new)
+    write_doc(folder, f"{new:06d}.json", {**entry, "id": new})
+    stale = [i for i in ids if after is not None and i > after]
+    kept = [i for i in ids if i not in stale] + [new]
+    stale += kept[:-HISTORY_KEEP]
+    for i in stale:
+        remove_doc(folder, f"{i:06d}.json")

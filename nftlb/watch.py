@@ -29,8 +29,10 @@ SAVE_EVERY = 10.0  # seconds between health.json writes when only probe times ch
 class Watcher:
     def __init__(self, nft: Backend, state_dir: Path, *, probe: health.Probe = health.tcp_probe,
                  concurrency: int = 256, monotonic: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, conntrack: str | None = None):
+                 wall: Callable[[], float] = time.time, conntrack: str | None = None,
+                 observe: Callable[[bool, float], None] | None = None):
         self.nft, self.state_dir, self.probe = nft, Path(state_dir), probe
+        self.observe = observe  # (ok, seconds) of every probe: the metrics' histogram
         self.concurrency, self.monotonic, self.wall = concurrency, monotonic, wall
         self.conntrack = conntrack if conntrack is not None else shutil.which("conntrack")
         doc = state.read_doc(self.state_dir, state.HEALTH) or {}
@@ -84,7 +86,11 @@ class Watcher:
         async def one(key: str):
             t = self.targets[key]
             async with gate:
-                return key, await self.probe(t.address, t.port, t.health.timeout)
+                started = time.monotonic()
+                result = await self.probe(t.address, t.port, t.health.timeout)
+                if self.observe is not None:
+                    self.observe(result[0], time.monotonic() - started)
+                return key, result
 
         results = await asyncio.gather(*(one(k) for k in keys))
         now, wall = self.monotonic(), self.wall()
@@ -106,6 +112,12 @@ class Watcher:
         """
         for t in transitions:
             (log.info if t.up else log.warning)("%s", t)
+        if transitions:
+            try:
+                state.bump_stats(self.state_dir, transitions=[(t.target.pool, t.target.backend, t.up)
+                                                              for t in transitions])
+            except NftlbError as e:
+                log.error("cannot count transitions: %s", e)
         self._save()
         if not transitions and not self.retry_whole_table:
             return True
@@ -218,11 +230,19 @@ class Watcher:
                 w.cancel()
 
 
-def serve(file: Path, nft: Backend, state_dir: Path, **kw) -> int:
-    """`nftlb watch FILE`: apply FILE, then watch until SIGTERM; SIGHUP re-applies FILE."""
+def serve(file: Path, nft: Backend, state_dir: Path, *, metrics_at: str | None = None, **kw) -> int:
+    """`nftlb watch FILE`: apply FILE, then watch until SIGTERM; SIGHUP re-applies FILE.
+    With `metrics_at` (HOST:PORT), serve Prometheus metrics there."""
     state_dir = Path(state_dir)
     fd = state.watch_lock(state_dir)
     try:
+        if metrics_at is not None:
+            from nftlb import backend as backends, metrics  # prometheus-client only when asked
+
+            reg = metrics.registry(lambda: backends.make(nft.name), state_dir)
+            histogram = metrics.probe_histogram(reg)
+            kw["observe"] = lambda ok, seconds: histogram.labels("ok" if ok else "failed").observe(seconds)
+            metrics.serve(reg, metrics_at)
         r = ops.apply(file, nft, state_dir)
         log.info("nftlb watch (pid %d): %s table inet %s from %s", os.getpid(),
                  "applied" if r.action == "applied" else "in sync:", r.summary["table"], file)

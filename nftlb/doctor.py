@@ -1,0 +1,297 @@
+"""`nftlb doctor [FILE]`: is this box able to balance, and what stands in the way?
+
+Each check gives one line: ok, warn, or fail (something blocks traffic). Kernel
+features are tested with a dry-run transaction (checked by the kernel, never
+committed); sysctls are read under `proc`, so tests can point it at a fake tree.
+Nothing here changes the system. No shell: subprocesses get argv lists.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import ipaddress
+import json
+import shutil
+import socket
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from nftlb import backend, model
+from nftlb.errors import KernelError
+
+PROBE_TABLE = "nftlb_doctor"
+_MAP = "map { 0 : 192.0.2.1, 1 : 192.0.2.2 }"
+# feature -> (prerouting nat rules, postrouting nat rules); nf_tables alone gets a plain filter chain
+_FEATURES: dict[str, tuple[list[str], list[str]]] = {
+    "nf_tables": ([], []),
+    "nat": (["meta l4proto tcp ip daddr 198.51.100.1 dnat ip to 192.0.2.1"], []),
+    "numgen": ([f"meta l4proto tcp ip daddr 198.51.100.2 dnat ip to numgen inc mod 2 {_MAP}"], []),
+    "jhash": ([f"ip daddr 198.51.100.3 dnat ip to jhash ip saddr . tcp sport mod 2 seed 0x1 {_MAP}"], []),
+    "conntrack": (["ct state new counter"], []),
+    "masquerade": ([], ["meta l4proto tcp masquerade"]),
+}
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass
+class Check:
+    name: str  # short id: "kernel", "ip_forward", "vip 198.51.100.10", ...
+    verdict: str  # "ok" | "warn" | "fail" (fail: something blocks traffic)
+    detail: str  # one line: what is wrong and what to do
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _probe(features: list[str]) -> str:
+    pre = [r for f in features for r in _FEATURES[f][0]]
+    post = [r for f in features for r in _FEATURES[f][1]]
+    chains = [("filter", "input", "0", [])] if features == ["nf_tables"] else \
+        [("nat", "prerouting", "dstnat", pre), ("nat", "postrouting", "srcnat", post)]
+    lines = [f"table inet {PROBE_TABLE} {{"]
+    for kind, hook, prio, rules in chains:
+        lines += [f"\tchain {hook} {{", f"\t\ttype {kind} hook {hook} priority {prio}; policy accept;",
+                  *(f"\t\t{r}" for r in rules), "\t}"]
+    return "\n".join(lines + ["}"]) + "\n"
+
+
+def _said(e: Exception) -> str:
+    """What nft said: the first line after nftlb's own "...failed:" header."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else "no message"
+
+
+def _kernel(nft: backend.Backend | None) -> Check:
+    if nft is None:
+        return Check("kernel", "fail", "no way into the kernel: install python3-nftables or nftables")
+    names = list(_FEATURES)
+    try:
+        nft.run(_probe(names), check=True)
+        return Check("kernel", "ok", f"{', '.join(names[:-1])} and {names[-1]} accepted (kernel dry-run)")
+    except KernelError as whole:
+        failed: list[tuple[str, KernelError]] = []
+        for name in names:  # which feature is it?
+            try:
+                nft.run(_probe([name]), check=True)
+            except KernelError as e:
+                failed.append((name, e))
+        what = ", ".join(n for n, _ in failed) or "the probe"
+        return Check("kernel", "fail", f"the kernel refused {what}: {_said(failed[0][1] if failed else whole)}")
+
+
+def _nft_version() -> str | None:
+    path = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if Path(p).exists()), None)
+    if not path:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or "unknown version") if out.returncode == 0 else None
+
+
+def _bindings() -> str | None:
+    try:
+        import nftables
+
+        nftables.Nftables()  # also loads libnftables.so
+    except (ImportError, OSError):
+        return None
+    try:
+        return importlib.metadata.version("nftables")
+    except importlib.metadata.PackageNotFoundError:
+        return "installed"
+
+
+def _tools() -> list[Check]:
+    binary, bindings = _nft_version(), _bindings()
+    missing = "fail" if binary is None and bindings is None else "warn"
+    return [
+        Check("nft", "ok", binary) if binary else
+        Check("nft", missing, "the nft binary was not found: install the Debian package nftables"),
+        Check("bindings", "ok", f"python nftables bindings {bindings} importable (default backend)") if bindings else
+        Check("bindings", missing, "python nftables bindings not importable: install python3-nftables "
+              "(the nft binary is used instead)" if binary else "python nftables bindings not importable"),
+    ]
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _local_addresses() -> dict[Address, str]:
+    """Every address on this box's interfaces (in this network namespace) -> its interface."""
+    out: dict[Address, str] = {}
+    for ifname, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    out.setdefault(ipaddress.ip_address(a.address.split("%")[0]), ifname)
+                except ValueError:
+                    pass
+    return out
+
+
+def _examples(items: list, most: int = 3) -> str:
+    return ", ".join(map(str, items[:most])) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _forwarding(proc: Path, version: int, pools: list[model.Pool] | None, local: dict[Address, str]) -> Check:
+    name, key, rel = ("ip_forward", "net.ipv4.ip_forward", "sys/net/ipv4/ip_forward") if version == 4 else \
+        ("ipv6_forwarding", "net.ipv6.conf.all.forwarding", "sys/net/ipv6/conf/all/forwarding")
+    mine = None if pools is None else [p for p in pools if p.vip.version == version]
+    if version == 6 and not (proc / "sys/net/ipv6").is_dir():
+        if mine:
+            return Check(name, "fail", f"IPv6 is disabled in this kernel, so the {len(mine)} IPv6 pools cannot "
+                                       "work: boot without ipv6.disable=1")
+        return Check(name, "ok", "IPv6 is disabled in this kernel" + ("; no IPv6 pools" if mine is not None else ""))
+    value = _read(proc / rel)
+    if value is None:
+        return Check(name, "warn", f"cannot read {key} under {proc}")
+    if value != "0":
+        return Check(name, "ok", f"{key} = {value}: forwarded traffic passes")
+    how = f"run sysctl -w {key}=1 and persist it in /etc/sysctl.d/"
+    if mine is None:
+        return Check(name, "warn" if version == 4 else "ok",
+                     f"{key} = 0: connections DNATed to backends on other hosts would be dropped; {how}"
+                     if version == 4 else f"{key} = 0: fine without IPv6 pools; IPv6 pools would need 1")
+    remote = sorted({b.address for p in mine for b in p.backends if b.address not in local}, key=int)
+    if remote:
+        return Check(name, "fail", f"{key} = 0: clients' connections DNATed to backends on other hosts "
+                                   f"({_examples(remote)}) are dropped; {how}")
+    why = f"no IPv{version} pools" if not mine else "every backend is local"
+    return Check(name, "ok", f"{key} = 0, not needed: {why}")
+
+
+def _rp_filter(proc: Path) -> Check:
+    conf = proc / "sys/net/ipv4/conf"
+    try:
+        names = sorted(p.name for p in conf.iterdir() if p.name not in ("all", "lo"))
+    except OSError:
+        return Check("rp_filter", "warn", f"cannot read {conf}")
+    top = int(_read(conf / "all/rp_filter") or 0)
+    strict = [n for n in names if max(top, int(_read(conf / n / "rp_filter") or 0)) == 1]
+    if strict:
+        named = ", ".join("default (new interfaces)" if n == "default" else n for n in strict)
+        return Check("rp_filter", "warn", f"strict (1) on {named}: asymmetric routes will be dropped; "
+                                          "use 2 (loose) if replies can come back another way")
+    return Check("rp_filter", "ok", f"loose or off on every interface (all = {top})")
+
+
+def _conntrack(proc: Path, pools: list[model.Pool] | None) -> Check:
+    base = proc / "sys/net/netfilter"
+    count, top = _read(base / "nf_conntrack_count"), _read(base / "nf_conntrack_max")
+    if count is None or top is None:
+        return Check("conntrack", "warn", "conntrack module not loaded (nf_conntrack loads with the first NAT "
+                                          "rule); run doctor again after nftlb apply")
+    n, limit = int(count), int(top)
+    if limit <= 0:
+        return Check("conntrack", "ok", f"{n} entries, no limit (nf_conntrack_max = 0)")
+    used = f"{n} of {limit} entries in use ({100 * n // limit}%)"
+    raise_it = f"raise it with sysctl -w net.netfilter.nf_conntrack_max={max(2 * limit, 262144)}"
+    if n >= 0.9 * limit:
+        return Check("conntrack", "fail", f"{used}: new connections are dropped when it fills; {raise_it}")
+    if n >= 0.75 * limit:
+        return Check("conntrack", "warn", f"{used}: close to full; {raise_it}")
+    if pools and limit < 65536:
+        return Check("conntrack", "warn", f"{used}: nf_conntrack_max is small for a balancer; {raise_it}")
+    return Check("conntrack", "ok", used)
+
+
+def _route(vip: Address) -> dict | None:
+    """The kernel's route to vip (`ip -j route get`), {} when there is none, None when unknown."""
+    ip = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if Path(p).exists()), None)
+    if not ip:
+        return None
+    try:
+        out = subprocess.run([ip, "-j", "route", "get", str(vip)], capture_output=True, text=True, timeout=10)
+        return (json.loads(out.stdout or "[]") or [{}])[0] if out.returncode == 0 else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+def _vip(vip: Address, local: dict[Address, str]) -> tuple[Check, bool]:
+    name = f"vip {vip}"
+    route = None if vip in local else _route(vip)
+    if vip in local or (route or {}).get("type") == "local":
+        dev = local.get(vip) or (route or {}).get("dev")
+        return Check(name, "ok", f"local (on dev {dev}): the gateway's own traffic "
+                                 "and traffic to this box are balanced"), True
+    if route == {}:
+        return Check(name, "warn", "not local and no route to it: check the routing table; clients must "
+                                   "route it through this box"), False
+    via = f"dev {route['dev']}" + (f" via {route['gateway']}" if route.get("gateway") else "") if route else \
+        "an unknown route (no ip tool)"
+    return Check(name, "ok", f"not local: routed via {via}; clients must route it through this box"), False
+
+
+def _endpoint(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _listeners(pools: list[model.Pool], local_vips: set[Address]) -> list[Check]:
+    try:
+        socks = psutil.net_connections(kind="inet")
+    except (psutil.Error, OSError) as e:
+        return [Check("listeners", "warn", f"cannot list this box's sockets ({e}): run as root")]
+    out = []
+    for pool in pools:
+        wild = set() if pool.vip not in local_vips else \
+            {ipaddress.ip_address("::")} | ({ipaddress.ip_address("0.0.0.0")} if pool.vip.version == 4 else set())
+        hits = []
+        for s in socks:
+            if not s.laddr or s.laddr.port != pool.port:
+                continue
+            if pool.protocol == "tcp" and not (s.type == socket.SOCK_STREAM and s.status == psutil.CONN_LISTEN):
+                continue
+            if pool.protocol == "udp" and not (s.type == socket.SOCK_DGRAM and not s.raddr):
+                continue
+            addr = ipaddress.ip_address(s.laddr.ip.split("%")[0])
+            addr = getattr(addr, "ipv4_mapped", None) or addr
+            if addr == pool.vip or addr in wild:
+                try:
+                    who = f"{psutil.Process(s.pid).name()} (pid {s.pid})" if s.pid else "a process (pid unknown)"
+                except psutil.Error:
+                    who = f"pid {s.pid}"
+                hits.append(f"{who} listens on {_endpoint(s.laddr.ip, s.laddr.port)}")
+        if hits:
+            out.append(Check(f"listener {_endpoint(str(pool.vip), pool.port)}/{pool.protocol}", "warn",
+                             f"DNAT shadows it: {', '.join(sorted(set(hits)))}; its clients through the VIP "
+                             "will reach the backends instead"))
+    return out or [Check("listeners", "ok", "no local process listens on a pool's VIP:port")]
+
+
+def run(config: model.Config | None, nft: backend.Backend | None, *, proc: Path = Path("/proc")) -> list[Check]:
+    """Every check, in a fixed order; `config` None skips the per-pool ones."""
+    pools = None if config is None else config.pools
+    local = _local_addresses()
+    checks = [_kernel(nft), *_tools(), _forwarding(proc, 4, pools, local), _forwarding(proc, 6, pools, local),
+              _rp_filter(proc), _conntrack(proc, pools)]
+    if pools:
+        local_vips: set[Address] = set()
+        for vip in dict.fromkeys(p.vip for p in pools):
+            check, is_local = _vip(vip, local)
+            checks.append(check)
+            if is_local:
+                local_vips.add(vip)
+        checks += _listeners(pools, local_vips)
+    return checks
+
+
+def text(checks: list[Check]) -> str:
+    width = max((len(c.name) for c in checks), default=0)
+    lines = [f"{c.verdict:<5} {c.name:<{width}}  {c.detail}" for c in checks]
+    counts = {v: sum(c.verdict == v for c in checks) for v in ("fail", "warn", "ok")}
+    summary = ", ".join(f"{n} {v}" for v, n in counts.items())
+    verdict = "traffic is blocked" if counts["fail"] else ("works, with warnings" if counts["warn"] else "ready")
+    return "\n".join(lines + [f"doctor: {verdict} ({summary})"]) + "\n"
+
+
+def exit_code(checks: list[Check]) -> int:
+    return 1 if any(c.verdict == "fail" for c in checks) else 0

@@ -1,0 +1,188 @@
+"""What the kernel is doing, per pool and backend: `nftlb status` and the metrics read this.
+
+Sources, all read-only:
+- the state dir: what was applied (the plan that is live), the watcher's health view,
+  the operator's drains, and the apply/transition counts (stats.json);
+- the table's accounting sets (conns4/6, traffic4/6): new connections, packets and
+  bytes per service and backend, counted by the kernel since the table was loaded;
+- conntrack: connections open right now, per service and backend.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from nftlb import ops, plan as planlib, state
+from nftlb.backend import Backend
+from nftlb.errors import StateError
+
+CLOSED = {"TIME_WAIT", "CLOSE"}  # TCP states that are no longer an open connection
+# a conntrack -L line: proto, its number, timeout, [state], original tuple, reply tuple
+_TUPLE = re.compile(r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)")
+
+
+def _addr(text: str) -> str:
+    return str(ipaddress.ip_address(text))
+
+
+Key = tuple[str, str, int, str, int]  # vip, protocol, port, backend address, backend port
+
+
+def counters(nft: Backend, table: str) -> dict[str, dict[Key, dict]]:
+    """{"conns": {key: {"packets", "bytes"}}, "traffic": {...}} from the accounting sets."""
+    out: dict[str, dict[Key, dict]] = {"conns": {}, "traffic": {}}
+    for what in out:
+        for fam in ("4", "6"):
+            listing = nft.list(f"set inet {table} {what}{fam}")
+            for obj in json.loads(listing or "{}").get("nftables", []):
+                for elem in obj.get("set", {}).get("elem", []):
+                    inner = elem.get("elem", elem) if isinstance(elem, dict) else elem
+                    val = inner.get("val", inner) if isinstance(inner, dict) else inner
+                    counter = inner.get("counter", {}) if isinstance(inner, dict) else {}
+                    try:
+                        vip, proto, port, addr, bport = val["concat"]
+                        key = (_addr(vip), str(proto), int(port), _addr(addr), int(bport))
+                    except (KeyError, TypeError, ValueError):
+                        continue
+                    out[what][key] = {"packets": int(counter.get("packets", 0)), "bytes": int(counter.get("bytes", 0))}
+    return out
+
+
+def open_connections(conntrack: str | None = None) -> dict[Key, int] | None:
+    """Connections open now per (vip, protocol, port, backend, port); None without conntrack."""
+    binary = conntrack or shutil.which("conntrack")
+    if not binary:
+        return None
+    out: dict[Key, int] = {}
+    for family in ("ipv4", "ipv6"):
+        try:
+            proc = subprocess.run([binary, "-L", "-f", family], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if proc.returncode != 0:
+            return None
+        for line in proc.stdout.splitlines():
+            fields = line.split()
+            if len(fields) < 4 or fields[0] not in ("tcp", "udp"):
+                continue
+            if fields[0] == "tcp" and fields[3] in CLOSED:
+                continue
+            tuples = _TUPLE.findall(line)
+            if len(tuples) < 2:
+                continue
+            (_, vip, _, vport), (backend, _, bport, _) = tuples[0], tuples[1]
+            key = (_addr(vip), fields[0], int(vport), _addr(backend), int(bport))
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def collect(nft: Backend, state_dir: Path, *, conntrack: str | None = None, now: float | None = None) -> dict:
+    """Everything `nftlb status --json` prints: stable keys, one entry per pool and backend."""
+    applied = state.load(state_dir)
+    if applied is None:
+        raise StateError(f"nothing applied yet in {state_dir}: run `nftlb apply FILE` first")
+    plan = ops.applied_plan(applied)
+    if plan is None:
+        raise StateError(f"{state_dir} was written by another nftlb version ({applied.version}): re-apply first")
+    config = ops._parse(applied.source_text, applied.source)
+    now = time.time() if now is None else now
+    health_doc = state.read_doc(state_dir, state.HEALTH) or {}
+    records = health_doc.get("backends", {})
+    drained = {tuple(x) for x in (state.read_doc(state_dir, state.OVERRIDES) or {}).get("drained", [])}
+    live = ops._exists(nft, applied.table)
+    counts = counters(nft, applied.table) if live else {"conns": {}, "traffic": {}}
+    opened = open_connections(conntrack)
+    stats = state.read_doc(state_dir, state.STATS) or {}
+    checked = [r.get("checked") for r in records.values() if r.get("checked")]
+    pools = []
+    for p, cp in zip(plan.pools, config.pools):
+        by_backend = {planlib.Endpoint(b.address, b.port): b for b in cp.backends}
+        rows = []
+        for b in p.backends:
+            key = (str(p.vip), p.protocol, p.port, str(b.address), b.port)
+            conf = by_backend[b]
+            rec = records.get(f"{p.name}|{b.display}")
+            traffic = counts["traffic"].get(key, {})
+            rows.append({
+                "backend": b.display,
+                "configured": "drain" if conf.state == "drain" else "backup" if conf.backup else "active",
+                "drained_by_operator": (p.name, b.display) in drained,
+                "serving": b in p.slots,  # takes new connections now
+                "health": None if rec is None else {
+                    "up": rec.get("up", True), "since": rec.get("since") or None,
+                    "last_probe": rec.get("checked"), "last_error": rec.get("error") or None,
+                    "latency_seconds": rec.get("latency")},
+                "connections": counts["conns"].get(key, {}).get("packets", 0),
+                "packets": traffic.get("packets", 0),
+                "bytes": traffic.get("bytes", 0),
+                "open": None if opened is None else opened.get(key, 0),
+            })
+        pools.append({"name": p.name, "vip": str(p.vip), "port": p.port, "protocol": p.protocol,
+                      "service": p.service, "scheduler": p.scheduler, "mode": p.mode,
+                      "state": "serving" if p.slots else "refusing", "fallback": p.fallback or None,
+                      "backends": rows})
+    return {
+        "table": applied.table, "live": live, "source": applied.source, "applied_at": applied.applied_at,
+        "health_checked_at": max(checked) if checked else None,
+        "conntrack": opened is not None,
+        "applies": stats.get("applies", 0), "apply_failures": stats.get("apply_failures", 0),
+        "last_apply_success": stats.get("last_apply_success"),
+        "transitions": stats.get("transitions", {}),
+        "now": now, "pools": pools,
+    }
+
+
+def _ago(then: float | None, now: float) -> str:
+    if not then:
+        return "-"
+    s = max(0, int(now - then))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+
+
+def _size(n: int) -> str:
+    for unit in ("", "k", "M", "G", "T"):
+        if n < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}P"
+
+
+def text(doc: dict) -> str:
+    """The terminal view: a header, then a block per pool."""
+    now = doc["now"]
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(doc["applied_at"]))
+    head = f"table inet {doc['table']}" + ("" if doc["live"] else " (NOT LOADED: run `nftlb apply`)")
+    lines = [f"{head}, applied {when} from {doc['source']}; health "
+             + (f"checked {_ago(doc['health_checked_at'], now)} ago" if doc["health_checked_at"] else "not watched")]
+    if not doc["conntrack"]:
+        lines.append("open connections unknown: the conntrack tool is not installed")
+    for p in doc["pools"]:
+        lines.append("")
+        lines.append(f"pool {p['name']}  {p['service']}  {p['scheduler']}  {p['mode']}  {p['state']}"
+                     + (f" (fallback: {p['fallback']})" if p["fallback"] else ""))
+        width = max([len("backend")] + [len(b["backend"]) for b in p["backends"]])
+        lines.append(f"  {'backend':{width}}  {'config':7} {'new conns':>5}  {'health':22} {'conns':>8} "
+                     f"{'bytes':>8} {'open':>6}")
+        for b in p["backends"]:
+            config = b["configured"] + ("*" if b["drained_by_operator"] else "")
+            h = b["health"]
+            if h is None:
+                health = "not probed"
+            else:
+                health = ("up" if h["up"] else "DOWN") + (f" {_ago(h['since'], now)}" if h["since"] else "")
+                if h["up"] and h["latency_seconds"] is not None:
+                    health += f" ({h['latency_seconds'] * 1000:.1f} ms)"
+                elif not h["up"] and h["last_error"]:
+                    health += f" ({h['last_error']})"
+            lines.append(f"  {b['backend']:{width}}  {config:7} {'yes' if b['serving'] else 'no':>9}  {health[:22]:22} "
+                         f"{b['connections']:>8} {_size(b['bytes']):>8} "
+                         f"{'-' if b['open'] is None else b['open']:>6}")
+    if any(b["drained_by_operator"] for p in doc["pools"] for b in p["backends"]):
+        lines.append("\n* drained with `nftlb drain` (undo: `nftlb enable POOL BACKEND`)")
+    return "\n".join(lines) + "\n"
