@@ -316,9 +316,15 @@ def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bo
         touched = len(result.pools_added) + len(result.pools_removed) + len(result.pools_changed)
         result.transaction = "whole table" if changes is None else f"{touched} pools"
         result.action = "dry-run" if dry_run else "applied"
-    elif rollback_to is not None and not dry_run:  # the kernel already matches: only the record moves
-        state.save(state_dir, dataclasses.replace(applied, source=source, source_text=text,
-                                                  history_id=rollback_to["id"]))
+    elif not dry_run and (rollback_to is not None or (applied.source_text, applied.source) != (text, source)):
+        # the kernel already matches, the file does not (comments, health settings): only the record moves
+        history_id = rollback_to["id"] if rollback_to is not None else state.next_history_id(state_dir)
+        state.save(state_dir, dataclasses.replace(applied, source=source, source_text=text, history_id=history_id))
+        if rollback_to is None:
+            state.add_history(state_dir, {"applied_at": time.time(), "source": source, "table": table,
+                                          "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                          "summary": _summary_line(result) + "; the table did not change",
+                                          "source_text": text}, history_id, after=applied.history_id)
     result.seconds = time.monotonic() - started
     return result
 
