@@ -37,14 +37,16 @@ def sh(*argv: str, input: str | None = None, check: bool = True) -> subprocess.C
 def timed(ns: str, *argv: str, stdin: str | None = None) -> tuple[float, int, str]:
     """Wall seconds and peak RSS (KB) of one command run in namespace `ns`."""
     started = time.monotonic()
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.PIPE if stdin else None,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if stdin:
-        proc.stdin.write(stdin)
-        proc.stdin.close()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.monotonic() - started
-    out = proc.stdout.read() + proc.stderr.read()
+    with tempfile.TemporaryFile("w+") as sink:  # not a pipe: a large output must not block the command
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.PIPE if stdin else None,
+                                stdout=sink, stderr=subprocess.STDOUT, text=True)
+        if stdin:
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.monotonic() - started
+        sink.seek(0)
+        out = sink.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{argv[:3]} failed in {ns}: {out[-2000:]}")
     return seconds, usage.ru_maxrss, out
@@ -143,6 +145,7 @@ def run(args) -> dict:
     results: dict[str, list] = {k: [] for k in ("nft -f (nftlb's ruleset)", "nft -f (chain + map per pool)",
                                                  "apply, YAML file", "apply, JSON file", "re-apply, one pool changed",
                                                  "drain one backend (CLI)", "watcher transaction (one backend down)",
+                                                 "status --json (CLI)",
                                                  "peak RSS of apply (MB)")}
     for r in range(args.rounds):
         with Netns() as ns:
@@ -164,6 +167,9 @@ def run(args) -> dict:
                     seconds, _, out = timed(ns, *nftlb("drain", pool["name"], pool["backends"][1], "--state-dir",
                                                        str(state)))
                     results["drain one backend (CLI)"].append(seconds)
+                    seconds, _, out = timed(ns, *nftlb("status", "--json", "--state-dir", str(state)))
+                    assert len(json.loads(out)["pools"]) == args.pools
+                    results["status --json (CLI)"].append(seconds)
                     n = len(changed["pools"])
                     down = [[changed["pools"][n * k // 6]["name"], changed["pools"][n * k // 6]["backends"][2]]
                             for k in range(1, 6)]
@@ -181,6 +187,7 @@ def run(args) -> dict:
                 "watcher transaction / full apply (JSON)":
                     med["watcher transaction (one backend down)"] / med["apply, JSON file"],
                 "one-pool re-apply / full apply (JSON)": med["re-apply, one pool changed"] / med["apply, JSON file"],
+                "status / full apply (JSON)": med["status --json (CLI)"] / med["apply, JSON file"],
             }}
 
 
@@ -208,6 +215,7 @@ def main() -> int:
     print()
     targets = {"apply YAML / nft -f": 1.25, "apply JSON / nft -f": 1.25, "nftlb shape / per-pool shape": 0.5,
                "drain CLI / full apply (JSON)": 1 / 20, "watcher transaction / full apply (JSON)": 1 / 20,
+               "status / full apply (JSON)": None,
                "one-pool re-apply / full apply (JSON)": None}
     for k, v in out["ratios"].items():
         t = targets[k]

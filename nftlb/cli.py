@@ -89,8 +89,9 @@ def _root(
 
 def _out(as_json: bool, doc: dict, text: str) -> None:
     _Opts.json = as_json
-    if as_json:
-        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+    if as_json:  # indented for a person at a terminal; compact (and much faster when large) for scripts
+        indent = 2 if sys.stdout.isatty() else None
+        typer.echo(json.dumps(doc, indent=indent, sort_keys=True, separators=None if indent else (",", ":")))
     elif text:
         typer.echo(text, nl=not text.endswith("\n"))
 

@@ -34,12 +34,15 @@ def _addr(text: str) -> str:
 Key = tuple[str, str, int, str, int]  # vip, protocol, port, backend address, backend port
 
 
-def counters(nft: Backend, table: str) -> dict[str, dict[Key, dict]]:
-    """{"conns": {key: {"packets", "bytes"}}, "traffic": {...}} from the accounting sets."""
+def counters(nft: Backend, table: str) -> tuple[dict[str, dict[Key, dict]], bool]:
+    """{"conns": {key: {"packets", "bytes"}}, "traffic": {...}} from the accounting sets, and
+    whether the table is there (listing a set is cheap; `list tables` is not, at 10,000 pools)."""
     out: dict[str, dict[Key, dict]] = {"conns": {}, "traffic": {}}
     for what in out:
         for fam in ("4", "6"):
             listing = nft.list(f"set inet {table} {what}{fam}")
+            if listing is None:
+                return {"conns": {}, "traffic": {}}, False
             for obj in json.loads(listing or "{}").get("nftables", []):
                 for elem in obj.get("set", {}).get("elem", []):
                     inner = elem.get("elem", elem) if isinstance(elem, dict) else elem
@@ -51,7 +54,7 @@ def counters(nft: Backend, table: str) -> dict[str, dict[Key, dict]]:
                     except (KeyError, TypeError, ValueError):
                         continue
                     out[what][key] = {"packets": int(counter.get("packets", 0)), "bytes": int(counter.get("bytes", 0))}
-    return out
+    return out, True
 
 
 def open_connections(conntrack: str | None = None) -> dict[Key, int] | None:
@@ -95,8 +98,7 @@ def collect(nft: Backend, state_dir: Path, *, conntrack: str | None = None, now:
     health_doc = state.read_doc(state_dir, state.HEALTH) or {}
     records = health_doc.get("backends", {})
     drained = {tuple(x) for x in (state.read_doc(state_dir, state.OVERRIDES) or {}).get("drained", [])}
-    live = ops._exists(nft, applied.table)
-    counts = counters(nft, applied.table) if live else {"conns": {}, "traffic": {}}
+    counts, live = counters(nft, applied.table)
     opened = open_connections(conntrack)
     stats = state.read_doc(state_dir, state.STATS) or {}
     checked = [r.get("checked") for r in records.values() if r.get("checked")]
@@ -153,6 +155,17 @@ def _size(n: int) -> str:
     return f"{n:.1f}P"
 
 
+def _health(h: dict | None, now: float) -> str:
+    if h is None:
+        return "not probed"
+    out = ("up" if h["up"] else "DOWN") + (f" {_ago(h['since'], now)}" if h["since"] else "")
+    if h["up"] and h["latency_seconds"] is not None:
+        out += f" ({h['latency_seconds'] * 1000:.1f} ms)"
+    elif not h["up"] and h["last_error"]:
+        out += f" ({h['last_error']})"
+    return out
+
+
 def text(doc: dict) -> str:
     """The terminal view: a header, then a block per pool."""
     now = doc["now"]
@@ -166,23 +179,14 @@ def text(doc: dict) -> str:
         lines.append("")
         lines.append(f"pool {p['name']}  {p['service']}  {p['scheduler']}  {p['mode']}  {p['state']}"
                      + (f" (fallback: {p['fallback']})" if p["fallback"] else ""))
-        width = max([len("backend")] + [len(b["backend"]) for b in p["backends"]])
-        lines.append(f"  {'backend':{width}}  {'config':7} {'new conns':>5}  {'health':22} {'conns':>8} "
-                     f"{'bytes':>8} {'open':>6}")
-        for b in p["backends"]:
-            config = b["configured"] + ("*" if b["drained_by_operator"] else "")
-            h = b["health"]
-            if h is None:
-                health = "not probed"
-            else:
-                health = ("up" if h["up"] else "DOWN") + (f" {_ago(h['since'], now)}" if h["since"] else "")
-                if h["up"] and h["latency_seconds"] is not None:
-                    health += f" ({h['latency_seconds'] * 1000:.1f} ms)"
-                elif not h["up"] and h["last_error"]:
-                    health += f" ({h['last_error']})"
-            lines.append(f"  {b['backend']:{width}}  {config:7} {'yes' if b['serving'] else 'no':>9}  {health[:22]:22} "
-                         f"{b['connections']:>8} {_size(b['bytes']):>8} "
-                         f"{'-' if b['open'] is None else b['open']:>6}")
+        cells = [(b["backend"], b["configured"] + ("*" if b["drained_by_operator"] else ""),
+                  "yes" if b["serving"] else "no", _health(b["health"], now), str(b["connections"]),
+                  _size(b["bytes"]), "-" if b["open"] is None else str(b["open"])) for b in p["backends"]]
+        head = ("backend", "config", "serving", "health", "conns", "bytes", "open")
+        widths = [max(len(row[i]) for row in [head, *cells]) for i in range(len(head))]
+        for row in [head, *cells]:
+            lines.append("  " + "  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+                                          for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     if any(b["drained_by_operator"] for p in doc["pools"] for b in p["backends"]):
         lines.append("\n* drained with `nftlb drain` (undo: `nftlb enable POOL BACKEND`)")
     return "\n".join(lines) + "\n"
