@@ -43,15 +43,20 @@ class Backend(Protocol):
 
 def _kernel_error(what: str, stderr: str) -> KernelError:
     detail = stderr.strip() or "no message"
-    if "Operation not permitted" in detail:
-        detail += "\n(nftlb needs CAP_NET_ADMIN: run it as root)"
+    if "Operation not permitted" in detail:  # the one cause an operator can fix at once: say it first
+        return KernelError(f"nftlb needs CAP_NET_ADMIN (run it as root): {what}: Operation not permitted")
     return KernelError(f"{what}:\n{detail}")
 
 
+_NOISE = ("have no json callback", "Operation not permitted (you must be root)")
+
+
 @contextmanager
-def _no_json_warnings():
-    """libnftables 1.0.6 writes "warning: stmt ops map have no json callback" straight to fd 2
-    when listing an `update @map` rule as JSON; keep that out of nftlb's output."""
+def _fd2_filtered(errors: list[str]):
+    """libnftables writes some messages straight to fd 2: JSON listings of `update @map` rules
+    warn "stmt ops map have no json callback" (1.0.6), and a missing capability prints "you
+    must be root". Keep those out of nftlb's output (the error says it better); collect the
+    rest into `errors` for the caller to report."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
@@ -62,10 +67,8 @@ def _no_json_warnings():
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
-            rest = [line for line in sink.read().decode(errors="replace").splitlines()
-                    if "have no json callback" not in line]
-            if rest:
-                print("\n".join(rest), file=sys.stderr)
+            errors += [line for line in sink.read().decode(errors="replace").splitlines()
+                       if line.strip() and not any(n in line for n in _NOISE)]
 
 
 def kernel_generation() -> int:
@@ -86,7 +89,7 @@ def kernel_generation() -> int:
     length, kind = struct.unpack_from("=IH", data, 0)
     if kind == 2:  # NLMSG_ERROR
         err = -struct.unpack_from("=i", data, 16)[0]
-        raise KernelError(f"asking the kernel for the nftables generation failed: {os.strerror(err)}")
+        raise _kernel_error("asking the kernel for the nftables generation failed", os.strerror(err))
     offset = 20  # nlmsghdr + nfgenmsg, then attributes
     while offset + 4 <= min(length, len(data)):
         size, attr = struct.unpack_from("=HH", data, offset)
@@ -116,10 +119,15 @@ class Libnftables:
     def _cmd(self, text: str, *, json: bool = False, check: bool = False) -> tuple[int, str, str]:
         self._nft.set_json_output(json)
         self._nft.set_dry_run(check)
+        stray: list[str] = []
         try:
-            return self._nft.cmd(text)
+            with _fd2_filtered(stray):
+                rc, out, err = self._nft.cmd(text)
         finally:
             self._nft.set_dry_run(False)
+        if stray and rc == 0:
+            print("\n".join(stray), file=sys.stderr)
+        return rc, out, "\n".join([err, *stray]) if stray else err
 
     def run(self, script: str, *, check: bool = False) -> None:
         rc, _, err = self._cmd(script, check=check)
@@ -127,8 +135,7 @@ class Libnftables:
             raise _kernel_error("nft rejected the ruleset" if not check else "the kernel check failed", err)
 
     def list(self, what: str) -> str | None:
-        with _no_json_warnings():
-            rc, out, err = self._cmd(f"list {what}", json=True)
+        rc, out, err = self._cmd(f"list {what}", json=True)
         if rc != 0:
             if _ABSENT in err:
                 return None

@@ -463,11 +463,18 @@ def set_drain(nft: Backend, state_dir: Path, pool: str, backend: str, drained: b
         if applied is None:
             raise StateError(f"nothing applied yet in {state_dir}: run `nftlb apply FILE` first")
         name = _find_backend(_parse(applied.source_text, applied.source), pool, backend)
-        overrides = state.read_doc(state_dir, state.OVERRIDES) or {}
-        current = {tuple(x) for x in overrides.get("drained", [])}
+        before = state.read_doc(state_dir, state.OVERRIDES)
+        current = {tuple(x) for x in (before or {}).get("drained", [])}
         current = current | {(pool, name)} if drained else current - {(pool, name)}
         state.write_doc(state_dir, state.OVERRIDES, {"drained": sorted(map(list, current))})
-        return name, refresh(nft, state_dir)
+        try:
+            return name, refresh(nft, state_dir)
+        except Exception:  # the kernel said no: the override must not wait there to surprise a later apply
+            if before is None:
+                state.remove_doc(state_dir, state.OVERRIDES)
+            else:
+                state.write_doc(state_dir, state.OVERRIDES, before)
+            raise
 
 
 def remove(nft: Backend, state_dir: Path, table: str | None = None) -> str | None:
