@@ -165,3 +165,20 @@ def test_rollback_restores_the_previous_generation_and_then_the_one_before(gw, l
     hist = json.loads(gw.nftlb("history", "--json").stdout)["generations"]
     assert [(g["id"], g["live"]) for g in hist] == [(4, True), (1, False)]
     assert gw.live() == listings[2]
+
+
+def test_status_counts_ipv6_and_udp_too(gw, lab):
+    from integration.test_apply import VIP6
+    gw.nftlb("apply", gw.write("pools:\n" + pool(
+        "web6", ["\"[fd00:b::11]:8080\"", "\"[fd00:b::12]:8080\""], vip=VIP6, mode="masquerade") + pool(
+        "dns", ["10.0.0.11:5353", "10.0.0.12:5353"], port=53, protocol="udp")))
+    res6 = lab.http_spread(VIP6, 80, 20)
+    udp = lab.udp_spread(VIP, 53, 20)
+    assert res6["failed"] == 0 and udp["failed"] == 0
+    doc = status(gw)
+    web6, dns = rows(doc, "web6"), rows(doc, "dns")
+    for name, n in res6["backends"].items():
+        assert web6[f"[fd00:b::{ADDR[name][7:9]}]:8080"]["connections"] == n, web6
+    for name, n in udp["backends"].items():
+        b = dns[ADDR[name].replace("8080", "5353")]
+        assert b["connections"] == n and b["open"] == n and b["packets"] >= 2 * n, b  # request and reply
