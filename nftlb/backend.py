@@ -15,6 +15,7 @@ tables in memory for unit tests (nftlb.fake).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -39,6 +40,8 @@ class Backend(Protocol):
     def list(self, what: str) -> str | None: ...
 
     def generation(self) -> int: ...
+
+    def has_table(self, name: str) -> bool: ...
 
 
 def _kernel_error(what: str, stderr: str) -> KernelError:
@@ -99,9 +102,39 @@ def kernel_generation() -> int:
     raise KernelError("the kernel's answer carried no nftables generation")
 
 
+def kernel_has_table(name: str) -> bool:
+    """NFT_MSG_GETTABLE for `inet NAME`: one netlink request, where `list tables` through nft
+    fetches far more (7 s next to a 10,000-pool table)."""
+    raw = name.encode() + b"\0"
+    attr = struct.pack("=HH", 4 + len(raw), 1) + raw + b"\0" * (-len(raw) % 4)  # NFTA_TABLE_NAME
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+    except OSError as e:
+        raise KernelError(f"cannot open a netfilter netlink socket: {e.strerror}") from None
+    with sock:
+        try:
+            sock.settimeout(5)
+            sock.bind((0, 0))
+            # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK; nfgenmsg: NFPROTO_INET
+            body = struct.pack("=BBH", 1, 0, 0) + attr
+            sock.send(struct.pack("=IHHII", 16 + len(body), (10 << 8) | 1, 1 | 4, 1, 0) + body)
+            data = sock.recv(65536)
+        except OSError as e:
+            raise KernelError(f"asking the kernel for table inet {name} failed: {e.strerror or e}") from None
+    kind = struct.unpack_from("=H", data, 4)[0]
+    if kind == 2:  # NLMSG_ERROR: 0 is the ack after an answer, else -errno
+        err = -struct.unpack_from("=i", data, 16)[0]
+        if err == errno.ENOENT:
+            return False
+        if err:
+            raise _kernel_error(f"asking the kernel for table inet {name} failed", os.strerror(err))
+    return kind == (10 << 8) | 0  # NFT_MSG_NEWTABLE: it exists
+
+
 class Libnftables:
     name = "libnftables"
     generation = staticmethod(kernel_generation)
+    has_table = staticmethod(kernel_has_table)
 
     def __init__(self):
         try:
@@ -146,6 +179,7 @@ class Libnftables:
 class NftBinary:
     name = "nft"
     generation = staticmethod(kernel_generation)
+    has_table = staticmethod(kernel_has_table)
 
     def __init__(self, path: str | None = None):
         self.path = path or shutil.which("nft") or next(

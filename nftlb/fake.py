@@ -43,6 +43,9 @@ class Fake:
     def generation(self) -> int:
         return self.commits
 
+    def has_table(self, name: str) -> bool:
+        return name in self.tables
+
     def list(self, what: str) -> str | None:
         if what == "tables":
             return json.dumps({"nftables": [{"metainfo": {}}] + [
