@@ -33,6 +33,26 @@ JSON on stdout:
     print one JSON line ``{"backend": ..., "peer": ..., "local_port": p}`` or
     ``{"error": "...", "local_port": p}``.  Never reconnects.  Exits at EOF.
 
+``load-http VIP PORT SECONDS MAX_CONNECTIONS TIMEOUT [FIRST_SPORT [WORKERS [RATE]]]``
+    A load generator: keeps opening new TCP connections, each carrying one
+    ``GET /`` with ``Connection: close``, until SECONDS have passed or
+    MAX_CONNECTIONS were attempted, or SIGTERM/SIGINT (the connections in
+    flight finish first, each bounded by TIMEOUT).  WORKERS (default 1)
+    threads run connections side by side; RATE > 0 paces them to at most
+    RATE new connections a second (default 0: as fast as they go).  With
+    FIRST_SPORT ("-": none) the sockets are
+    bound to FIRST_SPORT, FIRST_SPORT+1, ... (ports in use are skipped, no
+    port is used twice); otherwise the kernel picks the port at bind time.
+    Either way the source port is known even when the connection fails.
+    Prints one JSON line per connection, as it ends::
+
+        {"n": i, "t0": start, "t1": end, "sport": p, "backend": "b1"}
+        {"n": i, "t0": start, "t1": end, "sport": p, "error": "..."}
+
+    (t0/t1: ``time.monotonic()``, CLOCK_MONOTONIC, which every network
+    namespace shares), then one summary line ``{"summary": {"attempted",
+    "ok", "failed", "backends", "errors", "seconds", "stopped_by"}}``.
+
 Failures (timeouts, resets, refusals, garbage) are counted/reported, never
 raised.  IPv6 literals are accepted with or without brackets.
 """
@@ -40,8 +60,11 @@ raised.  IPv6 literals are accepted with or without brackets.
 import errno
 import http.client
 import json
+import signal
 import socket
 import sys
+import threading
+import time
 
 MAX_ERRORS = 5
 
@@ -237,6 +260,112 @@ def hold(vip: str, port: int, timeout: float) -> int:
     return 0
 
 
+class _LoadPorts:
+    """Source ports for load_http: counting up from FIRST_SPORT (or None: the kernel's choice)."""
+
+    def __init__(self, first: int | None):
+        self._next = first
+        self._lock = threading.Lock()
+
+    def bind(self, sock: socket.socket, family: int) -> int:
+        if self._next is None:
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            return sock.getsockname()[1]
+        with self._lock:
+            sport = _bind_next(sock, family, self._next)
+            self._next = sport + 1
+            return sport
+
+
+def _load_one(host: str, port: int, timeout: float, ports: _LoadPorts) -> dict:
+    """One connection, one GET (Connection: close); never raises."""
+    out = {"sport": None}
+    sock = None
+    conn = None
+    try:
+        family, socktype, proto, _cn, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+        )[0]
+        sock = socket.socket(family, socktype, proto)
+        sock.settimeout(timeout)
+        out["sport"] = ports.bind(sock, family)
+        sock.connect(addr)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.sock, sock = sock, None  # the connection owns (and closes) it now
+        conn.auto_open = 0
+        out["backend"] = _get(conn, close=True)["backend"]
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded
+        out["error"] = _err(exc)
+    finally:
+        if conn is not None:
+            conn.close()
+        if sock is not None:
+            sock.close()
+    return out
+
+
+def load_http(vip: str, port: int, seconds: float, max_connections: int, timeout: float,
+              first_sport: int | None = None, workers: int = 1, rate: float = 0.0) -> dict:
+    host = _host(vip)
+    ports = _LoadPorts(first_sport)
+    stop = threading.Event()
+    lock = threading.Lock()
+    counter = {"n": 0, "attempted": 0, "ok": 0, "failed": 0, "stopped_by": "seconds"}
+    backends: dict = {}
+    errors: list = []
+    started = time.monotonic()
+    deadline = started + seconds
+
+    def on_signal(signum, _frame):
+        counter["stopped_by"] = signal.Signals(signum).name
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def worker():
+        while not stop.is_set():
+            with lock:
+                if counter["n"] >= max_connections:
+                    counter["stopped_by"] = "max_connections"
+                    stop.set()
+                    return
+                n = counter["n"]
+                counter["n"] += 1
+            if rate > 0:  # pacing: connection n starts no earlier than n / rate seconds in
+                delay = min(started + n / rate, deadline) - time.monotonic()
+                if delay > 0 and stop.wait(delay):
+                    return
+            if time.monotonic() >= deadline:
+                stop.set()
+                return
+            with lock:
+                counter["attempted"] += 1
+            t0 = time.monotonic()
+            rec = _load_one(host, port, timeout, ports)
+            rec = {"n": n, "t0": t0, "t1": time.monotonic(), **rec}
+            with lock:
+                if "error" in rec:
+                    counter["failed"] += 1
+                    if len(errors) < MAX_ERRORS:
+                        errors.append(rec["error"])
+                else:
+                    counter["ok"] += 1
+                    backends[rec["backend"]] = backends.get(rec["backend"], 0) + 1
+                _emit(rec)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, workers))]
+    for t in threads:
+        t.start()
+    # Join with a timeout in a loop: the main thread stays responsive to signals.
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+    return {"summary": {"attempted": counter["attempted"], "ok": counter["ok"], "failed": counter["failed"],
+                        "backends": backends, "errors": errors, "seconds": round(time.monotonic() - started, 3),
+                        "stopped_by": counter["stopped_by"]}}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -262,6 +391,13 @@ def main(argv=None) -> int:
             vip, port = args[:2]
             timeout = float(args[2]) if len(args) > 2 else 5.0
             return hold(vip, int(port), timeout)
+        elif cmd == "load-http":
+            vip, port, seconds, max_connections, timeout = args[:5]
+            first_sport = int(args[5]) if len(args) > 5 and args[5] != "-" else None
+            workers = int(args[6]) if len(args) > 6 else 1
+            rate = float(args[7]) if len(args) > 7 else 0.0
+            _emit(load_http(vip, int(port), float(seconds), int(max_connections), float(timeout),
+                            first_sport, workers, rate))
         else:
             print(f"unknown subcommand {cmd!r}", file=sys.stderr)
             return 2

@@ -647,6 +647,37 @@ class Lab:
         self._held.append(held)
         return held
 
+    def load_http(
+        self,
+        vip: str,
+        port: int,
+        seconds: float,
+        max_connections: int,
+        timeout: float = 1.0,
+        first_sport: int | None = None,
+        workers: int = 1,
+        ns: str | None = None,
+        nice: int = 0,
+        rate: float = 0.0,
+    ) -> subprocess.Popen:
+        """Start ``client.py load-http`` in the background (the client ns by default).
+
+        ``rate`` > 0 paces it to at most that many new connections a second.
+        It stops on its own after ``seconds`` or ``max_connections``, or at
+        SIGTERM (then the connections in flight finish, each within about
+        3 x ``timeout``).  stdout (a buffered binary pipe; read it while
+        the load runs, or it fills up and stalls the client): one JSON line per
+        connection, then a summary line; stderr is a pipe too.  The process
+        is killed on teardown like every other.  ``nice`` > 0 runs it at a
+        lower CPU priority (the lab shares the machine's CPUs between the
+        client, the gateway and the backends)."""
+        argv = ["nice", "-n", str(int(nice))] if nice else []
+        argv += [PYTHON, CLIENT_PY, "load-http", str(vip), str(port), str(seconds), str(max_connections), str(timeout)]
+        argv += ["-" if first_sport is None else str(first_sport), str(workers), str(rate)]
+        return self.popen(
+            ns or self.client, *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
     # --------------------------------------------------------------- teardown
     def teardown(self) -> None:
         """Kill every process and delete every namespace of this lab (idempotent)."""
