@@ -15,6 +15,7 @@ is replaced.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -107,6 +108,11 @@ def _exists(nft: Backend, table: str) -> bool:
     return nft.has_table(table)
 
 
+def _lock_if_present(state_dir: Path):
+    """The state lock for read-only commands, which must not create the state dir."""
+    return state.lock(state_dir) if Path(state_dir).is_dir() else contextlib.nullcontext()
+
+
 @dataclass
 class Live:
     """What is known of the live table."""
@@ -158,8 +164,9 @@ def _diff(want: Desired, applied: state.Applied | None, live: Live) -> difflib_.
 
 def compare(path: str | Path, nft: Backend, state_dir: Path) -> tuple[Desired, difflib_.Diff]:
     want = desired(path, state_dir)
-    applied = state.load(state_dir)
-    return want, _diff(want, applied, inspect(nft, applied, want.plan.table))
+    with _lock_if_present(Path(state_dir)):  # not in the middle of someone's commit: that would look like drift
+        applied = state.load(state_dir)
+        return want, _diff(want, applied, inspect(nft, applied, want.plan.table))
 
 
 @dataclass
@@ -260,9 +267,9 @@ def apply(path: str | Path, nft: Backend, state_dir: Path, *, dry_run: bool = Fa
     text = model.read(path)
     _parse(text, str(path))  # a bad file never reaches the lock or the kernel
     state_dir = Path(state_dir)
-    if dry_run:
-        return _apply(str(path), text, nft, state_dir, dry_run=True, started=started)
-    with state.lock(state_dir):
+    with state.lock(state_dir) if not dry_run else _lock_if_present(state_dir):
+        if dry_run:  # locked too: its kernel check must not race another commit
+            return _apply(str(path), text, nft, state_dir, dry_run=True, started=started)
         return _counted(state_dir, lambda: _apply(str(path), text, nft, state_dir, dry_run=False, started=started))
 
 

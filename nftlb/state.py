@@ -9,7 +9,10 @@ Layout (dir 0700, files 0600, every file written atomically):
   stats.json      counts for the metrics: applies, failed applies, last success, transitions
   history/N.json  the last HISTORY_KEEP applied pools files (`nftlb history`, `nftlb rollback`)
   lock            flock()ed around every change to the kernel or to these files
-  watch.lock      held by the one running watcher
+  watch.lock      held by the one running watcher ("PID watch"), or by a `watch --once` round
+                  ("PID once"), which the next round waits for
+  .NAME.XXXXXXXX  a temp file of a writer killed before its rename: never read; removed by the
+                  next write of NAME once STALE_TEMP seconds old
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -57,9 +61,38 @@ def _ensure_dir(state_dir: Path) -> None:
         raise StateError(f"cannot create state dir {state_dir}: {e.strerror}") from None
 
 
+STALE_TEMP = 10.0  # seconds: a temp file this old was left by a writer that died before its rename
+_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")  # tempfile.mkstemp(prefix=".NAME."): 8 random characters
+
+
+def sweep_temps(folder: Path, names=None) -> list[str]:
+    """Delete the temp files of writers killed between mkstemp and rename (".NAME.XXXXXXXX",
+    NAME in `names`, or any NAME when None), once they are STALE_TEMP seconds old: younger
+    ones may belong to a writer still at work. Readers never look at them. Returns those removed."""
+    cutoff = time.time() - STALE_TEMP
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.fullmatch(entry.name)
+        if m is None or (names is not None and m["name"] not in names):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            pass  # gone already, or not ours to remove: readers ignore it either way
+    return removed
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same dir, fsync, rename, fsync the dir: a crash leaves the old or the new file."""
+    """Temp file in the same dir, fsync, rename, fsync the dir: a crash leaves the old or the new
+    file, and at worst a stale temp file, which the next write of the same file removes."""
     _ensure_dir(path.parent)
+    sweep_temps(path.parent, {path.name})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -182,12 +215,38 @@ def lock(state_dir: Path, timeout: float = 30.0):
         os.close(fd)
 
 
-def watch_lock(state_dir: Path) -> int:
-    """Held for a watcher's lifetime (the fd); refuses a second watcher at once."""
+def watch_lock(state_dir: Path, *, once: bool = False, timeout: float = 30.0) -> int:
+    """Held for a watcher's lifetime (the fd); the file says who holds it: "PID watch" or
+    "PID once". A running daemon watcher refuses any other at once; a `watch --once` round
+    (seconds long) is waited for, up to `timeout` seconds, by the next one or by a daemon."""
     path = Path(state_dir) / "watch.lock"
-    fd = _flock(path, 0, f"another nftlb watch is running on {state_dir} (holds {path})")
+    busy = f"another nftlb watch is running on {state_dir} (holds {path})"
+    _ensure_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise StateError(f"cannot open {path}: {e.strerror}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise StateError(f"cannot lock {path}: {e.strerror}") from None
+        try:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").split()
+        except OSError:
+            holder = []
+        # "PID watch" (and a pre-"once" nftlb's bare "PID") is a daemon: it does not finish
+        daemon = len(holder) == 1 or (len(holder) >= 2 and holder[1] != "once")
+        if daemon or time.monotonic() >= deadline:
+            os.close(fd)
+            raise StateError(busy + (f"; waited {timeout:.0f} s for its round to end" if not daemon else ""))
+        time.sleep(0.05)  # flock has no timed wait; poll the lock itself
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.pwrite(fd, f"{os.getpid()} {'once' if once else 'watch'}\n".encode(), 0)
     return fd
 
 
@@ -245,6 +304,7 @@ def add_history(state_dir: Path, entry: dict, new: int, after: int | None) -> No
     HISTORY_KEEP."""
     folder = Path(state_dir) / HISTORY
     _ensure_dir(folder)
+    sweep_temps(folder)  # a writer killed mid-write may have left one for any entry
     ids = sorted(int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit() and int(p.stem) != new)
     write_doc(folder, f"{new:06d}.json", {**entry, "id": new})
     stale = [i for i in ids if after is not None and i > after]

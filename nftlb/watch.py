@@ -59,8 +59,8 @@ class Watcher:
             stamp = None
         if stamp is not None and stamp == self._applied_stat:
             return  # applied.json unchanged since the last look: nothing to re-read
-        self._applied_stat = stamp
         applied = state.load(self.state_dir)
+        self._applied_stat = stamp  # only once read: a failed read is tried again next round
         if applied is None:
             if not self._idle:
                 log.error("nothing applied in %s (removed?): probing nothing until `nftlb apply`", self.state_dir)
@@ -87,17 +87,26 @@ class Watcher:
             t = self.targets[key]
             async with gate:
                 started = time.monotonic()
-                result = await self.probe(t.address, t.port, t.health.timeout)
+                try:
+                    result = await self.probe(t.address, t.port, t.health.timeout)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - whatever a target does, it is a failed probe
+                    result = (False, f"probe error: {type(e).__name__}: {e}", None)
                 if self.observe is not None:
                     self.observe(result[0], time.monotonic() - started)
                 return key, result
 
+        began = self.monotonic()
         results = await asyncio.gather(*(one(k) for k in keys))
-        now, wall = self.monotonic(), self.wall()
+        wall = self.wall()
         out = []
         for key, (ok, detail, latency) in results:
             t = self.targets[key]
-            self.due[key] = now + t.health.interval
+            # next probe one interval after this round began, not after it ended: a round lasts as
+            # long as its slowest probe (a black hole: the whole timeout), and counting from its
+            # end would stretch every other backend's interval by that much
+            self.due[key] = began + t.health.interval
             transition = health.observe(self.records[key], t, ok, detail, latency, wall)
             if transition:
                 out.append(transition)
@@ -118,19 +127,22 @@ class Watcher:
                                                               for t in transitions])
             except NftlbError as e:
                 log.error("cannot count transitions: %s", e)
-        self._save()
         if not transitions and not self.retry_whole_table:
+            self._save_logged()
             return True
         try:
             with state.lock(self.state_dir):
+                # the new health view and the transaction it asks for, under the one lock that
+                # apply, drain/enable and rollback take: none of them sees the one without the other
+                self._save()
                 result = ops.refresh(self.nft, self.state_dir, whole_table=self.retry_whole_table)
         except NftlbError as e:
             log.error("transaction failed; will retry with the whole table: %s", e)
             self.retry_whole_table = True
-            self._save()
+            self._save_logged()
             return False
         self.retry_whole_table = False
-        self._save()
+        self._save_logged()
         if result.changed:
             self.transactions += 1
             what = "the whole table" if result.whole_table else "pools " + ", ".join(result.changed)
@@ -155,6 +167,13 @@ class Watcher:
             state.write_doc(self.state_dir, state.HEALTH, doc)
             self._written, self._written_at = essence, self.wall()
 
+    def _save_logged(self) -> None:
+        """_save(), a failure logged: the next round writes again (its essence still differs)."""
+        try:
+            self._save()
+        except NftlbError as e:
+            log.error("cannot record the health view: %s", e)
+
     def _report(self, plan: planlib.Plan, pools: set[str]) -> None:
         for name in sorted(pools):
             p = plan.pool(name)
@@ -172,13 +191,14 @@ class Watcher:
     def _reset_conntrack(self, plan: planlib.Plan, transitions: list[health.Transition]) -> None:
         """on_down: reset (the default for udp): delete the down backend's flows for that pool,
         so clients are re-balanced instead of staying pinned to it."""
-        pools = {p.name: p for p in self.config.pools}
+        pools = {p.name: p for p in self.config.pools} if self.config is not None else {}
         for t in transitions:
             pool, p = pools.get(t.target.pool), plan.pool(t.target.pool)
             if t.up or pool is None or p is None or not pool.reset_on_down:
                 continue
-            backend = next(b for b in p.backends if b.display == t.target.backend)
-            if backend in p.active:  # keep-last kept it: its flows are all there is
+            # the plan is of the file applied now, which may have changed since the round began
+            backend = next((b for b in p.backends if b.display == t.target.backend), None)
+            if backend is None or backend in p.active:  # gone; or keep-last kept it: its flows are all there is
                 continue
             if not self.conntrack:
                 log.error("pool %s: cannot delete flows of %s: the conntrack tool is not installed",
@@ -187,7 +207,11 @@ class Watcher:
             argv = [self.conntrack, "-D", "-f", "ipv4" if p.family == "ip" else "ipv6", "-p", p.protocol,
                     "--orig-dst", str(p.vip), "--orig-port-dst", str(p.port),
                     "--reply-src", str(backend.address), "--reply-port-src", str(backend.port)]
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                log.error("pool %s: conntrack -D for %s failed: %s", pool.name, backend.display, e)
+                continue
             deleted = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
             if proc.returncode not in (0, 1):  # 1: nothing matched
                 log.error("pool %s: conntrack -D for %s failed: %s", pool.name, backend.display, deleted)
@@ -221,8 +245,12 @@ class Watcher:
                 reload_requested.clear()
                 if reload:
                     reload()
-            await self.step()
-            wait = min(self.due.values(), default=self.monotonic() + 1.0) - self.monotonic()
+            try:
+                await self.step()
+                wait = min(self.due.values(), default=self.monotonic() + 1.0) - self.monotonic()
+            except NftlbError as e:  # e.g. an unreadable state file: say so, keep watching
+                log.error("watch round failed: %s", e)
+                wait = 1.0
             events = [e for e in (stop, reload_requested) if e is not None]
             waiters = [asyncio.ensure_future(e.wait()) for e in events]
             await asyncio.wait(waiters, timeout=max(0.0, min(wait, 1.0)), return_when=asyncio.FIRST_COMPLETED)
@@ -277,7 +305,7 @@ def serve(file: Path, nft: Backend, state_dir: Path, *, metrics_at: str | None =
 def once(file: Path, nft: Backend, state_dir: Path, **kw) -> bool:
     """`nftlb watch FILE --once`: bring the table to FILE (a no-op when in sync), then one
     probe round of every backend; streaks persist in the state dir between runs."""
-    fd = state.watch_lock(Path(state_dir))
+    fd = state.watch_lock(Path(state_dir), once=True)  # waits for another --once round to end
     try:
         ops.apply(file, nft, state_dir)
         return Watcher(nft, state_dir, **kw).once()
