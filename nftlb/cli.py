@@ -152,6 +152,7 @@ def diff(
       nftlb diff pools.yaml || echo "live table differs"
     """
     _Opts.json = as_json
+    ops.check(file)  # a bad file is exit 2 even where the kernel cannot be reached
     want, d = ops.compare(file, _kernel(backend), state_dir)
     text = _drift(d) + (d.changes or ("" if not d.in_sync else f"table inet {want.plan.table} is in sync with {file}\n"))
     _out(as_json, {"table": want.plan.table, **d.as_dict()}, text)
@@ -177,6 +178,7 @@ def apply(
       nftlb apply pools.yaml
     """
     _Opts.json = as_json
+    ops.check(file)  # a bad file is exit 2 even where the kernel cannot be reached
     r = ops.apply(file, _kernel(backend), state_dir, dry_run=dry_run)
     s = r.summary
     if r.action == "in-sync":
@@ -238,6 +240,7 @@ def watch(
       nftlb watch /etc/nftlb/pools.yaml --once     # from cron
       nftlb watch /etc/nftlb/pools.yaml --metrics 127.0.0.1:9650
     """
+    ops.check(file)  # a bad file is exit 2 even where the kernel cannot be reached
     nft = _kernel(backend)
     if once:
         if not watcher.once(file, nft, state_dir, concurrency=concurrency):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 from functools import lru_cache
 from dataclasses import dataclass
@@ -32,15 +33,40 @@ from nftlb.errors import ConfigError
 
 DEFAULT_TABLE = "nftlb"
 DEFAULT_SEED = 0x6E66746C  # "nftl": fixed, so every gateway given the same file hashes alike
-MAX_FILE_BYTES = 32 * 1024 * 1024
-MAX_NODES = 2_000_000  # YAML nodes after alias expansion ("billion laughs" guard)
+
+# Limits on what a pools file may be; beyond them it is refused (exit 2) before anything is built.
+# A 10,000-pool YAML file (4 backends each) is about 1.9 MB and 150,000 nodes; the limits leave
+# a margin of more than ten times that, and keep a hostile file from exhausting memory or the stack.
+MAX_FILE_BYTES = 32 * 1024 * 1024  # read at most this much (+1 byte, to tell that it is larger)
+MAX_NODES = 2_000_000  # YAML nodes after alias and merge-key expansion ("billion laughs" guard)
+MAX_DEPTH = 64  # nested lists and mappings; a pools file needs 6. libyaml's composer recurses in C
+#                 (100,000 nested `[` crash the process), so nftlb composes the nodes itself, iteratively.
+
+# Words nft 1.0.6 cannot take as a table name (a syntax error in `table inet WORD`, `delete table
+# inet WORD`, `add element inet WORD ...` or `list table inet WORD`): found by trying every word of
+# nft(8) and of libnftables' strings, and every name of up to 3 characters, in a scratch namespace.
+NFT_KEYWORDS = frozenset("""
+accept add ah all and arp bridge cgroup chain chains comment comp constant continue counter counters
+cpu create ct daddr day dccp define delete describe device devices dnat drop dst dup dynamic ecn
+element elements eq esp ether exists expires export exthdr fib flags flow flowtable flowtables flush
+frag fwd ge get goto gt handle hbh hdrlength hook hooks hour ibriport ibrname icmp icmpv6 igmp iif
+iifgroup iifname iiftype import include index inet insert interval ip ip6 ipsec jhash jump le limit
+limits list log lt map maps mark masquerade meta meter meters mh missing monitor ne netdev nftrace
+not notrack numgen obriport obrname offload offset oif oifgroup oifname oiftype or osf pkttype
+policy position priority queue quota quotas random redefine redirect reject rename replace reset
+return rt rt0 rt2 rtclassid rule ruleset sctp secmark secmarks set sets size skgid skuid snat socket
+srh symhash synproxy synproxys table tables tcp th time timeout tproxy type typeof udp udplite
+undefine update vlan vmap xor xt
+""".split())
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
-_POOL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
+POOL_NAME = _POOL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
 _SHORT_V6 = re.compile(r"\[(?P<addr>[^\]]+)\](?::(?P<port>[^:]*))?")
+_SPACE = " \t\r\n"  # around an address: str.strip() would also take U+0085, U+00A0, U+2028 ...
+_PORT = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() and int() also take "８０" and "٨٠"
 
 
 @dataclass(frozen=True)
@@ -51,10 +77,20 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        if self.line == 0:  # the whole file: unreadable, too large, too deep
+            return f"{self.file}: {self.message}"
         return f"{self.file}:{self.line}: {self.field}: {self.message}"
 
     def as_dict(self) -> dict:
         return {"file": self.file, "line": self.line, "field": self.field, "message": self.message}
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value from the file for a message: repr'd (quotes, escapes), and short."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit number"  # repr() of a number of over 4300 digits raises
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _address(value: Any, what: str) -> IPAddress:
@@ -76,11 +112,14 @@ def _check_address(value: Any, what: str) -> IPAddress:
         raise ValueError(f"expected an IPv4 or IPv6 address as a string, got {type(value).__name__}")
     else:
         try:
-            addr = ipaddress.ip_address(value.strip())
+            addr = ipaddress.ip_address(value.strip(_SPACE))
         except ValueError:
-            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+            raise ValueError(f"{_show(value)} is not an IPv4 or IPv6 address") from None
+    if getattr(addr, "scope_id", None) is not None:  # "fe80::1%eth0": Python keeps whatever follows the %
+        raise ValueError(f"{_show(value)} has a zone index (%...); nftables addresses cannot carry one")
+    shown = value.strip(_SPACE) if isinstance(value, str) else str(addr)  # as written, on one line
     if getattr(addr, "ipv4_mapped", None):
-        raise ValueError(f"{value} is an IPv4-mapped IPv6 address; write it as {addr.ipv4_mapped}")
+        raise ValueError(f"{shown} is an IPv4-mapped IPv6 address; write it as {addr.ipv4_mapped}")
     for bad, why in (
         (addr.is_unspecified, "unspecified"),
         (addr.is_multicast, "multicast"),
@@ -89,7 +128,7 @@ def _check_address(value: Any, what: str) -> IPAddress:
         (addr == _BROADCAST, "broadcast"),
     ):
         if bad:
-            raise ValueError(f"{value} is {why}; a {what} needs a unicast address")
+            raise ValueError(f"{shown} is {why}; a {what} needs a unicast address")
     return addr
 
 
@@ -123,7 +162,7 @@ class Backend(_Model):
 
 
 def _parse_short(text: str) -> dict:
-    text = text.strip()
+    text = text.strip(_SPACE)
     m = _SHORT_V6.fullmatch(text)
     if m:
         addr, port = m["addr"], m["port"]
@@ -133,13 +172,13 @@ def _parse_short(text: str) -> dict:
         addr, port = text, None
     out: dict[str, Any] = {"address": addr}
     if port is not None:
-        if not port.isdigit():
-            raise ValueError(f"port in {text!r} is not a number")
+        if not _PORT.fullmatch(port):
+            raise ValueError(f"port in {_show(text)} is not a number")
         out["port"] = int(port)
     return out
 
 
-_DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?")
+_DURATION = re.compile(r"(?P<n>[0-9]{1,12}(?:\.[0-9]{1,12})?) *(?P<unit>ms|s|m|h|d)?")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
@@ -148,13 +187,16 @@ def duration(v: Any, longest: float = 3600) -> Any:
     if isinstance(v, bool):
         raise ValueError("expected a duration such as 500ms, 2s or 1m")
     if isinstance(v, (int, float)):
-        seconds = float(v)
+        try:
+            seconds = float(v)
+        except OverflowError:  # an int beyond float's range
+            seconds = float("inf")
     elif isinstance(v, str) and (m := _DURATION.fullmatch(v.strip())):
         seconds = float(m["n"]) * _UNITS[m["unit"]]
     else:
-        raise ValueError(f"{v!r} is not a duration: write 500ms, 2s, 1m or a number of seconds")
-    if not 0 < seconds <= longest:
-        raise ValueError(f"{v!r} is out of range: more than 0 and at most {longest:g}s")
+        raise ValueError(f"{_show(v)} is not a duration: write 500ms, 2s, 1m or a number of seconds")
+    if not 0 < seconds <= longest:  # also refuses NaN
+        raise ValueError(f"{_show(v)} is out of range: more than 0 and at most {longest:g}s")
     return seconds
 
 
@@ -166,7 +208,7 @@ def _persistence(v: Any) -> Any:
         return None
     seconds = duration(v, longest=7 * 86400)
     if seconds != int(seconds):
-        raise ValueError(f"{v!r}: persistence is kept in whole seconds")
+        raise ValueError(f"{_show(v)}: persistence is kept in whole seconds")
     return int(seconds)
 
 
@@ -248,7 +290,7 @@ class Pool(_Model):
         _not_bool(v)
         if not isinstance(v, str) or not _POOL_NAME.fullmatch(v):
             raise ValueError(
-                f"{v!r} is not a pool name: use 1-31 characters a-z 0-9 _ -, starting with a letter"
+                f"{_show(v)} is not a pool name: use 1-31 characters a-z 0-9 _ -, starting with a letter"
             )
         return v
 
@@ -286,25 +328,131 @@ class Config(_Model):
     def _check_table(cls, v: Any) -> str:
         _not_bool(v)
         if not isinstance(v, str) or not TABLE_NAME.fullmatch(v):
-            raise ValueError(f"{v!r} is not a table name: use 1-31 characters a-z 0-9 _, starting with a letter")
+            raise ValueError(f"{_show(v)} is not a table name: use 1-31 characters a-z 0-9 _, starting with a letter")
+        if v in NFT_KEYWORDS:
+            raise ValueError(f"{v!r} is an nftables keyword, which nft does not take as a table name "
+                             f"(choose another, e.g. lb_{v})")
         return v
 
     @field_validator("seed", mode="before")
     @classmethod
     def _hex_seed(cls, v: Any) -> Any:
         if isinstance(v, str):
+            if len(v) > 20 or not v.isascii():  # 0xffffffff is 10 characters; int() would also read "٥"
+                raise ValueError(f"{_show(v)} is not a number from 0 to 0xffffffff")
             try:
                 return int(v, 0)
             except ValueError:
-                raise ValueError(f"{v!r} is not a number (write it as 24301 or 0x5eed)") from None
+                raise ValueError(f"{_show(v)} is not a number (write it as 24301 or 0x5eed)") from None
         return v
 
 
 # --- YAML with line numbers -------------------------------------------------
 
 
-_STR, _MERGE = "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"
+_STR, _MERGE, _VALUE = "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"
+_SEQ, _MAP = "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
+_SCALARS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "binary", "timestamp"))
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it: 20x faster
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _TooDeep(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+def _compose(loader) -> yaml.Node | None:
+    """The document's root node, like `loader.get_single_node()` but iterative, and refusing
+    collections nested deeper than MAX_DEPTH: libyaml's composer recurses in C, and a file of
+    100,000 `[` overflows the process's stack (a segfault, not an exception)."""
+    get, check, resolve = loader.get_event, loader.check_event, loader.resolve
+    Scalar, SeqStart, MapStart, Alias = yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent, yaml.AliasEvent
+    ScalarNode, SequenceNode, MappingNode = yaml.ScalarNode, yaml.SequenceNode, yaml.MappingNode
+    ComposerError = yaml.composer.ComposerError
+    get()  # stream start
+    if check(yaml.StreamEndEvent):
+        get()
+        return None
+    get()  # document start
+    anchors: dict[str, yaml.Node] = {}
+    stack: list[list] = []  # [collection node, key node of a mapping's pending pair, or None]
+    while True:
+        event = get()
+        kind = event.__class__
+        if kind is Scalar:
+            tag = event.tag
+            if tag is None or tag == "!":
+                tag = resolve(ScalarNode, event.value, event.implicit)
+            node = ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
+        elif kind is SeqStart or kind is MapStart:
+            if len(stack) >= MAX_DEPTH:
+                raise _TooDeep(event.start_mark.line + 1)
+            cls = SequenceNode if kind is SeqStart else MappingNode
+            tag = event.tag
+            if tag is None or tag == "!":
+                tag = resolve(cls, None, event.implicit)
+            node = cls(tag, [], event.start_mark, None, flow_style=event.flow_style)
+        elif kind is Alias:
+            node = anchors.get(event.anchor)
+            if node is None:
+                raise ComposerError(None, None, f"found undefined alias {event.anchor!r}", event.start_mark)
+            loader.nftlb_aliases = True
+        else:  # the end of a sequence or mapping
+            node = stack.pop()[0]
+            node.end_mark = event.end_mark
+            kind = None
+        if kind is not None and kind is not Alias:
+            anchor = event.anchor
+            if anchor is not None:
+                if anchor in anchors:
+                    raise ComposerError(f"found duplicate anchor {anchor!r}; first occurrence",
+                                        anchors[anchor].start_mark, "second occurrence", event.start_mark)
+                anchors[anchor] = node  # before its items, as PyYAML does: they may refer to it
+            if kind is not Scalar:
+                stack.append([node, None])
+                continue
+        if not stack:
+            break
+        top = stack[-1]
+        if top[0].__class__ is SequenceNode:
+            top[0].value.append(node)
+        elif top[1] is None:
+            top[1] = node
+        else:
+            top[0].value.append((top[1], node))
+            top[1] = None
+    get()  # document end
+    if not check(yaml.StreamEndEvent):
+        event = get()
+        raise ComposerError("expected a single document in the stream", node.start_mark,
+                            "but found another document", event.start_mark)
+    get()
+    return node
+
+
+def _expanded(node: yaml.Node, sizes: dict[int, int], depth: int) -> int:
+    """Nodes in `node` once every alias is expanded (an upper bound of merge keys' pairs too):
+    in time linear in the nodes the file spells, whatever the expansion. An alias inside its
+    own anchor never ends: it is refused as too deep."""
+    if node.__class__ is yaml.ScalarNode:
+        return 1
+    size = sizes.get(id(node))
+    if size is not None:
+        return size
+    if depth >= MAX_DEPTH:
+        raise _TooDeep(node.start_mark.line + 1)
+    size = 1
+    items = node.value if node.__class__ is yaml.SequenceNode else [x for pair in node.value for x in pair]
+    for item in items:
+        size += _expanded(item, sizes, depth + 1)
+        if size > MAX_NODES:
+            break
+    sizes[id(node)] = size
+    return size
 
 
 class _Tree:
@@ -318,42 +466,63 @@ class _Tree:
         self._merged: set[tuple] = set()
         loader = _Loader(text)
         try:
-            node = loader.get_single_node()
+            loader.nftlb_aliases = False
+            node = _compose(loader)
+            if loader.nftlb_aliases and _expanded(node, {}, 0) > MAX_NODES:
+                raise _TooBig()  # a "billion laughs": refused before any of it is built
             self.lines[()] = 1 if node is None else node.start_mark.line + 1
             self.data = None if node is None else self._build(loader, node, ())
         finally:
             loader.dispose()
 
-    def _scalar(self, loader: yaml.SafeLoader, node: yaml.Node) -> Any:
-        if node.tag == _STR:  # most of a pools file: no constructor needed
+    def _problem(self, node: yaml.Node, path: tuple, message: str) -> None:
+        self.problems.append(Problem(self.file, node.start_mark.line + 1, _field(path) or "(top)", message))
+
+    def _scalar(self, loader: yaml.SafeLoader, node: yaml.Node, path: tuple) -> Any:
+        tag = node.tag
+        if tag == _STR:  # most of a pools file: no constructor needed
             return node.value
-        construct = loader.yaml_constructors.get(node.tag)
-        return construct(loader, node) if construct else loader.construct_object(node, deep=True)
+        if tag not in _SCALARS:  # !!python/..., !foo, or a collection's tag (!!seq) on a scalar
+            if tag == _VALUE:  # a plain `=`: PyYAML reads it as the string
+                return node.value
+            self._problem(node, path, f"unsupported YAML tag {_show(tag)}")
+            return None
+        try:
+            return loader.yaml_constructors[tag](loader, node)
+        except yaml.YAMLError:
+            raise
+        except Exception:  # int() of over 4300 digits, `!!bool maybe` (KeyError), `!!timestamp x` ...
+            what = tag.rsplit(":", 1)[-1]
+            self._problem(node, path, f"cannot read {_show(node.value)} as {'an' if what[0] in 'aeiou' else 'a'} "
+                                      f"{what}" + (" (too many digits)" if len(node.value) > 4000 else ""))
+            return None
 
     def _build(self, loader: yaml.SafeLoader, node: yaml.Node, path: tuple) -> Any:
         self._nodes += 1
         if self._nodes > MAX_NODES:
             raise _TooBig()
+        if len(path) > MAX_DEPTH:  # an alias can nest a collection in itself: `&a [*a]`
+            raise _TooDeep(node.start_mark.line + 1)
         kind = node.__class__
         if kind is yaml.ScalarNode:
-            return self._scalar(loader, node)
+            return self._scalar(loader, node, path)
         if kind is yaml.SequenceNode:
+            if node.tag != _SEQ:
+                self._problem(node, path, f"unsupported YAML tag {_show(node.tag)}")
             out_list = []
             for i, item in enumerate(node.value):
                 sub = path + (i,)
                 self.lines[sub] = item.start_mark.line + 1
-                out_list.append(self._scalar(loader, item) if item.__class__ is yaml.ScalarNode
+                out_list.append(self._scalar(loader, item, sub) if item.__class__ is yaml.ScalarNode
                                 else self._build(loader, item, sub))
             self._nodes += len(node.value)
             return out_list
-        merged = 0
-        if any(k.tag == _MERGE for k, _ in node.value):  # YAML merge keys (<<): merged pairs first
-            explicit = sum(k.tag != _MERGE for k, _ in node.value)
-            loader.flatten_mapping(node)
-            merged = len(node.value) - explicit  # explicit keys override merged ones
+        if node.tag != _MAP:
+            self._problem(node, path, f"unsupported YAML tag {_show(node.tag)}")
+        pairs, merged = self._pairs(node, 0)
         out: dict = {}
-        for n, (knode, vnode) in enumerate(node.value):
-            key = self._scalar(loader, knode) if knode.__class__ is yaml.ScalarNode else None
+        for n, (knode, vnode) in enumerate(pairs):
+            key = self._scalar(loader, knode, path) if knode.__class__ is yaml.ScalarNode else None
             line = knode.start_mark.line + 1
             if key is None or isinstance(key, (list, dict)):
                 self.problems.append(Problem(self.file, line, _field(path) or "(top)", "keys must be plain scalars"))
@@ -369,10 +538,37 @@ class _Tree:
             if n < merged:
                 self._merged.add(sub)
             self.lines[sub] = line
-            out[key] = self._scalar(loader, vnode) if vnode.__class__ is yaml.ScalarNode \
+            out[key] = self._scalar(loader, vnode, sub) if vnode.__class__ is yaml.ScalarNode \
                 else self._build(loader, vnode, sub)
-        self._nodes += len(node.value)
+        self._nodes += len(pairs)
         return out
+
+    def _pairs(self, node: yaml.MappingNode, depth: int) -> tuple[list, int]:
+        """A mapping's (key, value) nodes with YAML merge keys (<<) expanded, merged pairs first,
+        and how many were merged. PyYAML's flatten_mapping, but it leaves the node as it is (an
+        alias builds the same node again), counts toward MAX_NODES (a merge of two merges of
+        two ... grows exponentially) and is bounded in depth (`&a {<<: *a}` merges itself)."""
+        if not any(k.tag == _MERGE for k, _ in node.value):
+            return node.value, 0
+        if depth >= MAX_DEPTH:
+            raise _TooDeep(node.start_mark.line + 1)
+        merge, explicit = [], []
+        for knode, vnode in node.value:
+            if knode.tag != _MERGE:
+                explicit.append((knode, vnode))
+                continue
+            subs = vnode.value if vnode.__class__ is yaml.SequenceNode else [vnode]
+            for sub in subs:
+                if sub.__class__ is not yaml.MappingNode:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"expected a mapping or list of mappings for merging, but found {sub.id}", sub.start_mark)
+            for sub in reversed(subs):  # earlier mappings in the list win: they go last
+                merge.extend(self._pairs(sub, depth + 1)[0])
+                self._nodes += len(sub.value)
+                if len(merge) > MAX_NODES or self._nodes > MAX_NODES:
+                    raise _TooBig()
+        return merge + explicit, len(merge)
 
     def line(self, loc: tuple) -> int:
         """Line of the deepest part of `loc` that the file spells out."""
@@ -382,14 +578,19 @@ class _Tree:
         return 1
 
 
-class _TooBig(Exception):
-    pass
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 
 def _field(loc: tuple) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+            continue
+        # a key as the file spells it when it is a plain word; else quoted and escaped, so that a
+        # key holding a newline or a terminal escape cannot make up lines of the report
+        text = part if isinstance(part, str) and _PLAIN_KEY.fullmatch(part) else _show(part, 40)
+        out += f".{text}" if out else text
     return out
 
 
@@ -406,8 +607,10 @@ def _message(err: dict) -> str:
         for prefix in ("Value error, ", "Assertion failed, "):
             msg = msg.removeprefix(prefix)
         value = err.get("input")
-        if err["type"] not in ("value_error",) and isinstance(value, (str, int, float, bool)) and len(repr(value)) < 60:
-            msg += f" (got {value!r})"
+        if err["type"] not in ("value_error",) and isinstance(value, (str, int, float, bool)):
+            shown = _show(value)
+            if len(shown) < 60 and not shown.endswith("..."):
+                msg += f" (got {shown})"
     return msg
 
 
@@ -421,11 +624,18 @@ def read(path: str | Path) -> str:
     file = str(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
+            raw = f.read(MAX_FILE_BYTES + 1)  # never more: /dev/zero or a 50 GB file is not read whole
+            if len(raw) > MAX_FILE_BYTES:
+                try:
+                    size = os.fstat(f.fileno()).st_size
+                except OSError:
+                    size = 0
     except OSError as e:
         raise ConfigError([Problem(file, 0, "file", e.strerror or str(e))]) from None
     if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError([Problem(file, 0, "file", f"larger than the {MAX_FILE_BYTES // 2**20} MiB limit")])
+        what = f"{size} bytes" if size > MAX_FILE_BYTES else "more bytes"  # a pipe or device has no size
+        raise ConfigError([Problem(file, 0, "file", f"{what}, larger than the limit of {MAX_FILE_BYTES} bytes "
+                                                    f"({MAX_FILE_BYTES // 2**20} MiB)")])
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -454,17 +664,30 @@ def parse(text: str, file: str = "<string>") -> Config:
     def fail(line: int, field: str, message: str):
         raise ConfigError([Problem(file, line, field, message)])
 
+    if not text.strip(" \t\r\n\ufeff"):  # YAML would stumble on a tab; it is an empty file
+        fail(1, "(top)", "file is empty; expected a mapping with a 'pools' list")
+
     try:
         tree = _Tree(text, file)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         fail(mark.line + 1 if mark else 0, "yaml", " ".join(filter(None, [e.context, e.problem])))
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, other controls)
+        position = e.position if isinstance(e.position, int) else 0
+        char = chr(e.character) if isinstance(e.character, int) else e.character  # libyaml: a code point
+        fail(text.count("\n", 0, position) + 1, "yaml",
+             f"character {char!r} (U+{ord(char):04X}) is not allowed in YAML" if isinstance(char, str) and len(char) == 1
+             else (e.reason or "a character YAML does not allow"))
     except yaml.YAMLError as e:
         fail(0, "yaml", str(e))
+    except UnicodeEncodeError:  # lone surrogates: only from a caller's str, read() decodes strictly
+        fail(0, "file", "not UTF-8 text")
     except _TooBig:
         fail(0, "file", f"more than {MAX_NODES} YAML nodes")
-    except RecursionError:
-        fail(0, "yaml", "nested too deeply")
+    except _TooDeep as e:
+        fail(e.line, "yaml", f"lists and mappings nested more than {MAX_DEPTH} deep")
+    except RecursionError:  # a last resort: nothing above recurses without a bound
+        fail(0, "file", "nested too deeply")
     if not isinstance(tree.data, dict):
         what = "empty" if tree.data is None else f"a {type(tree.data).__name__}"
         raise ConfigError(tree.problems + [

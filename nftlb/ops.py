@@ -66,6 +66,11 @@ def _desired(source: str, text: str, status: planlib.Status) -> Desired:
     return Desired(source, text, config, planlib.build(config, status), status)
 
 
+def check(path: str | Path) -> model.Config:
+    """Read and validate a pools file (ConfigError, exit 2): before any kernel or state dir."""
+    return _parse(model.read(path), str(path))
+
+
 def desired(path: str | Path, state_dir: Path | None = None) -> Desired:
     """Validate and plan a pools file, with the state dir's health and drains when given."""
     text = model.read(path)
@@ -200,8 +205,8 @@ def _commit(nft: Backend, state_dir: Path, want: Desired, old: planlib.Plan | No
         script, changes = want.script, None
     else:
         script, changes = update.script(old, want.plan)
-    if retire:
-        script += f"delete table inet {retire}\n"  # we moved to a new table name: retire the old one
+    if retire:  # we moved to a new table name: retire the old one (a name read back from applied.json)
+        script += f"delete table inet {render.table_name(retire)}\n"
     if check:
         nft.run(script, check=True)
         return changes
@@ -484,7 +489,7 @@ def set_drain(nft: Backend, state_dir: Path, pool: str, backend: str, drained: b
 
 def remove(nft: Backend, state_dir: Path, table: str | None = None) -> str | None:
     """Delete our table (and only it). Returns the table deleted, None when there was none."""
-    if table is not None and not model.TABLE_NAME.fullmatch(table):
+    if table is not None and (not model.TABLE_NAME.fullmatch(table) or table in model.NFT_KEYWORDS):
         raise UsageError(f"{table!r} is not a table name")
     with state.lock(state_dir):
         applied = state.load(state_dir)

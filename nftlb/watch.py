@@ -262,6 +262,7 @@ def serve(file: Path, nft: Backend, state_dir: Path, *, metrics_at: str | None =
     """`nftlb watch FILE`: apply FILE, then watch until SIGTERM; SIGHUP re-applies FILE.
     With `metrics_at` (HOST:PORT), serve Prometheus metrics there."""
     state_dir = Path(state_dir)
+    ops.check(file)  # a bad file is refused before the state dir is touched
     fd = state.watch_lock(state_dir)
     try:
         if metrics_at is not None:
@@ -305,6 +306,7 @@ def serve(file: Path, nft: Backend, state_dir: Path, *, metrics_at: str | None =
 def once(file: Path, nft: Backend, state_dir: Path, **kw) -> bool:
     """`nftlb watch FILE --once`: bring the table to FILE (a no-op when in sync), then one
     probe round of every backend; streaks persist in the state dir between runs."""
+    ops.check(file)  # a bad file is refused before the state dir is touched
     fd = state.watch_lock(Path(state_dir), once=True)  # waits for another --once round to end
     try:
         ops.apply(file, nft, state_dir)

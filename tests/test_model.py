@@ -295,3 +295,100 @@ def test_json_files_are_read_fast_and_their_problems_still_have_lines(write):
     assert found == [(7, "pools[0].port", "Input should be greater than or equal to 1 (got 0)")]
     found, _ = problems(write, '{"pools": [], "pools": []}')
     assert found == [(1, "pools", "duplicate key (first given on line 1)")]
+
+
+# -- hardening: limits and strictness (see also tests/test_fuzz.py) ----------------------
+
+
+def test_size_limit_message_names_both_sizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "MAX_FILE_BYTES", 16)
+    big = tmp_path / "big.yaml"
+    big.write_text("pools: []\n# padding padding\n")
+    with pytest.raises(ConfigError) as e:
+        model.load(big)
+    assert str(e.value) == f"{big}: 28 bytes, larger than the limit of 16 bytes (0 MiB)"
+
+
+@pytest.mark.parametrize("text", [
+    "pools: " + "[" * 100_000 + "]" * 100_000,  # libyaml's composer recursed in C: a segfault
+    "pools: " + "{a: " * 100_000 + "1" + "}" * 100_000,
+    "- " * 100_000 + "x",
+    "pools: &a [*a]\n",  # an alias inside itself
+    "a: &a {<<: *a}\npools: []\n",  # a merge of itself
+])
+def test_nesting_is_bounded_before_anything_recurses(write, text):
+    found, _ = problems(write, text)
+    assert len(found) == 1 and found[0][1:] == ("yaml", f"lists and mappings nested more than {model.MAX_DEPTH} deep")
+
+
+def test_merge_key_bomb_is_refused_before_it_grows(write):
+    bomb = "m0: &m0 {k0: 1, k1: 2}\n" + "".join(f"m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}]}}\n" for i in range(1, 60))
+    found, _ = problems(write, bomb + "pools: []\n")
+    assert found == [(0, "file", f"more than {model.MAX_NODES} YAML nodes")]
+
+
+def test_a_merged_mapping_used_twice_is_not_a_duplicate(write):
+    """Building an aliased mapping with a merge key again used to report its merged keys as duplicates."""
+    c = model.load(write("""
+        pools:
+          - {name: a, vip: 198.51.100.1, port: 80, backends: [&bk {<<: {port: 8080, weight: 2}, address: 10.0.0.1, port: 8081}]}
+          - {name: b, vip: 198.51.100.2, port: 80, backends: [*bk]}
+        """))
+    assert [(b.port, b.weight) for p in c.pools for b in p.backends] == [(8081, 2), (8081, 2)]
+
+
+@pytest.mark.parametrize("vip, message", [
+    ("2001:db8::1%eth0", "has a zone index"),
+    ("2001:db8::1%x;flush ruleset", "has a zone index"),  # Python's ipaddress kept it, and str() gave it back
+    ("198.51.100.1\u00a0", "is not an IPv4 or IPv6 address"),  # str.strip() would take U+00A0
+    ("١٩٨.51.100.1", "is not an IPv4 or IPv6 address"),
+])
+def test_addresses_are_plain(write, vip, message):
+    found, _ = problems(write, f'pools:\n  - {{name: a, vip: "{vip}", port: 80, backends: ["2001:db8::2"]}}\n')
+    assert any(f[1] == "pools[0].vip" and message in f[2] for f in found), found
+
+
+@pytest.mark.parametrize("backend", ["10.0.0.1:８０", "10.0.0.1:٨٠", "10.0.0.1:" + "9" * 5000])
+def test_ports_in_short_forms_are_ascii_digits(write, backend):
+    found, _ = problems(write, f'pools:\n  - {{name: a, vip: 198.51.100.1, port: 80, backends: ["{backend}"]}}\n')
+    assert [f[:2] for f in found] == [(2, "pools[0].backends[0]")] and "is not a number" in found[0][2]
+
+
+def test_durations_and_seeds_are_ascii(write):
+    found, _ = problems(write, 'seed: "٥"\nhealth: {interval: "٥s"}\npools: []\n')
+    assert [f[1] for f in found] == ["seed", "health.interval"]
+
+
+@pytest.mark.parametrize("table", ["tcp", "flush", "table", "ip", "sets", "counter"])
+def test_nft_keywords_are_not_table_names(write, table):
+    found, _ = problems(write, f"table: {table}\npools: []\n")
+    assert found == [(1, "table", f"'{table}' is an nftables keyword, which nft does not take as a table name "
+                                  f"(choose another, e.g. lb_{table})")]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pools: !!python/object/apply:os.system ['true']\n", "unsupported YAML tag"),
+    ("pools: !!set {a: null}\n", "unsupported YAML tag"),
+    ("pools: !!bool maybe\n", "cannot read 'maybe' as a bool"),
+    ("seed: " + "9" * 5000 + "\npools: []\n", "(too many digits)"),
+    ("pools: []\nx: \"\x1b\"\n", "character '\\x1b' (U+001B) is not allowed in YAML"),
+])
+def test_odd_yaml_is_a_problem_with_a_line(write, text, message):
+    found, _ = problems(write, text)
+    assert found and found[0][0] >= 1 and any(message in f[2] for f in found), found
+
+
+def test_huge_numbers_are_reported_without_their_digits(write):
+    found, _ = problems(write, "pools:\n  - {name: a, vip: 198.51.100.1, port: 18446744073709551616, "
+                               "backends: [{address: 10.0.0.1, weight: 1000000000000000000000000000000}]}\n")
+    assert [f[2] for f in found] == ["Input should be less than or equal to 65535 (got a 65-bit number)",
+                                     "Input should be less than or equal to 1000 (got a 100-bit number)"]
+
+
+def test_whitespace_only_file_is_empty(write):
+    assert problems(write, " \t\n\t \n")[0] == [(1, "(top)", "file is empty; expected a mapping with a 'pools' list")]
+
+
+def test_odd_keys_cannot_fake_report_lines(write):
+    found, _ = problems(write, '"a\\nb.yaml:1: pools: ok": 1\npools: []\n')
+    assert found == [(1, "'a\\nb.yaml:1: pools: ok'", "unknown key")]

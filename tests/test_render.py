@@ -103,3 +103,59 @@ def test_undefined_template_variables_fail_loudly(tmp_path):
 
 def test_template_dir_found():
     assert (render.template_dir() / "ruleset.nft.j2").is_file()
+
+
+def test_render_refusals_are_bad_input():
+    """A refusal at render time is exit 2 like a validation problem, and still a ValueError."""
+    assert issubclass(render.RenderError, ValueError) and render.RenderError.exit_code == 2
+    with pytest.raises(render.RenderError, match="nftables table name"):
+        render.ruleset(plan.Plan(table="flush", seed=1, pools=()))  # a keyword: nft would not parse it
+    with pytest.raises(render.RenderError, match="as a number"):
+        render.ruleset(plan.Plan(table="lb", seed="1; flush ruleset", pools=()))
+
+
+def test_zone_index_cannot_reach_the_ruleset():
+    import dataclasses
+    import ipaddress
+
+    p = plan.build(model.parse('pools: [{name: a, vip: "2001:db8::1", port: 80, backends: ["fd00::1"]}]\n'))
+    forged = dataclasses.replace(p, pools=(dataclasses.replace(p.pools[0], vip=ipaddress.IPv6Address("2001:db8::1%x}")),))
+    with pytest.raises(render.RenderError, match="refusing to render"):
+        render.ruleset(forged)
+
+
+@pytest.mark.parametrize("word, quoted, path", [
+    ("/etc/nftlb/pools.yaml", "/etc/nftlb/pools.yaml", "/etc/nftlb/pools.yaml"),
+    ("/etc/my pools.yaml", '"/etc/my pools.yaml"', '"/etc/my pools.yaml"'),
+    ('/a"b', '"/a\\"b"', '"/a\\"b"'),
+    ("/a\\b", '"/a\\\\b"', '"/a\\\\b"'),
+    ("/100%", '"/100%%"', '"/100%%"'),
+    ("/$HOME", '"/$$HOME"', "/$HOME"),  # no environment variables in path lists
+    ("/a;b", '"/a;b"', '"/a;b"'),
+])
+def test_systemd_quote(word, quoted, path):
+    assert render.systemd_quote(word) == quoted
+    assert render.systemd_path(word) == path
+
+
+@pytest.mark.parametrize("bad", ["/a\nExecStartPre=/bin/sh", "/a\rb", "/a\tb", "/a\x1bb", "/a\x00b", "/a\udcffb"])
+def test_systemd_refuses_what_a_unit_line_cannot_carry(bad):
+    for quote in (render.systemd_quote, render.systemd_path, render.systemd_text, render.systemd_comment):
+        with pytest.raises(render.RenderError, match="systemd unit"):
+            quote(bad)
+
+
+@pytest.mark.parametrize("shape", [True, False])
+def test_elements_cannot_leave_their_set(shape):
+    render.check_elements("services4", ['198.51.100.1 . tcp . 80 comment "web" : goto hash4_tcp_53',
+                                        "2001:db8::1 . 80 . 0 : fd00::1 . 8080"], shape=shape)
+    for bad in ["198.51.100.1 . tcp . 80 } ; flush ruleset ; add element inet nftlb services4 { 198.51.100.2",
+                "198.51.100.1 . tcp . 80\ndelete table inet nftlb",
+                '198.51.100.1 . tcp . 80 comment "a" : goto x"',
+                "198.51.100.1 . tcp . 80, 198.51.100.2 . tcp . 80",
+                "198.51.100.1 . tcp . 80 # comment",
+                "2001:db8::1%eth0 . 80"]:
+        with pytest.raises(render.RenderError, match="as an element of services4"):
+            render.check_elements("services4", [bad], shape=shape)
+    with pytest.raises(render.RenderError, match="as an element"):  # the shape, where it is checked
+        render.check_elements("services4", ["198.51.100.1 . tcp . 80 : drop"])
