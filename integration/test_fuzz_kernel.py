@@ -36,7 +36,8 @@ PYTHON = sys.executable
 
 def kernel_settings(examples: int) -> settings:
     # no explain phase: it reruns a failing example dozens of times, each a few processes
-    return settings(max_examples=examples, deadline=None, database=None,
+    # CI: the same examples every run (a red CI must be reproducible); elsewhere: new ones each run
+    return settings(max_examples=examples, deadline=None, database=None, derandomize=bool(os.environ.get("CI")),
                     phases=[Phase.explicit, Phase.generate, Phase.shrink],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.function_scoped_fixture])
