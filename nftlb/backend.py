@@ -74,8 +74,12 @@ def _fd2_filtered(errors: list[str]):
                        if line.strip() and not any(n in line for n in _NOISE)]
 
 
-def kernel_generation() -> int:
-    """NFT_MSG_GETGEN over a netfilter netlink socket: the ruleset generation of this netns."""
+def _nftables_request(msg_type: int, flags: int, family: int, attrs: bytes, what: str) -> tuple[int, bytes]:
+    """One nftables request over a netfilter netlink socket: (the answer's message type, the
+    answer). An NLMSG_ERROR answer is returned as is (its errno is the caller's to judge)."""
+    body = struct.pack("=BBH", family, 0, 0) + attrs  # nfgenmsg, then attributes
+    # nlmsghdr(len, type = NFNL_SUBSYS_NFTABLES << 8 | msg_type, flags (NLM_F_REQUEST | ...), seq, pid)
+    message = struct.pack("=IHHII", 16 + len(body), (10 << 8) | msg_type, 1 | flags, 1, 0) + body
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
     except OSError as e:
@@ -84,15 +88,24 @@ def kernel_generation() -> int:
         try:
             sock.settimeout(5)
             sock.bind((0, 0))
-            # nlmsghdr(len, type = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN, NLM_F_REQUEST, seq, pid) + nfgenmsg
-            sock.send(struct.pack("=IHHII", 20, (10 << 8) | 16, 1, 1, 0) + struct.pack("=BBH", 0, 0, 0))
+            sock.send(message)
             data = sock.recv(65536)
         except OSError as e:
-            raise KernelError(f"asking the kernel for the nftables generation failed: {e.strerror or e}") from None
-    length, kind = struct.unpack_from("=IH", data, 0)
+            raise KernelError(f"{what} failed: {e.strerror or e}") from None
+    return struct.unpack_from("=H", data, 4)[0], data
+
+
+def _errno(data: bytes) -> int:
+    return -struct.unpack_from("=i", data, 16)[0]  # NLMSG_ERROR: 0 is an ack, else -errno
+
+
+def kernel_generation() -> int:
+    """NFT_MSG_GETGEN: the ruleset generation of this netns."""
+    what = "asking the kernel for the nftables generation"
+    kind, data = _nftables_request(16, 0, 0, b"", what)
     if kind == 2:  # NLMSG_ERROR
-        err = -struct.unpack_from("=i", data, 16)[0]
-        raise _kernel_error("asking the kernel for the nftables generation failed", os.strerror(err))
+        raise _kernel_error(f"{what} failed", os.strerror(_errno(data)))
+    length = struct.unpack_from("=I", data, 0)[0]
     offset = 20  # nlmsghdr + nfgenmsg, then attributes
     while offset + 4 <= min(length, len(data)):
         size, attr = struct.unpack_from("=HH", data, offset)
@@ -107,27 +120,14 @@ def kernel_has_table(name: str) -> bool:
     fetches far more (7 s next to a 10,000-pool table)."""
     raw = name.encode() + b"\0"
     attr = struct.pack("=HH", 4 + len(raw), 1) + raw + b"\0" * (-len(raw) % 4)  # NFTA_TABLE_NAME
-    try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
-    except OSError as e:
-        raise KernelError(f"cannot open a netfilter netlink socket: {e.strerror}") from None
-    with sock:
-        try:
-            sock.settimeout(5)
-            sock.bind((0, 0))
-            # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK; nfgenmsg: NFPROTO_INET
-            body = struct.pack("=BBH", 1, 0, 0) + attr
-            sock.send(struct.pack("=IHHII", 16 + len(body), (10 << 8) | 1, 1 | 4, 1, 0) + body)
-            data = sock.recv(65536)
-        except OSError as e:
-            raise KernelError(f"asking the kernel for table inet {name} failed: {e.strerror or e}") from None
-    kind = struct.unpack_from("=H", data, 4)[0]
-    if kind == 2:  # NLMSG_ERROR: 0 is the ack after an answer, else -errno
-        err = -struct.unpack_from("=i", data, 16)[0]
+    what = f"asking the kernel for table inet {name}"
+    kind, data = _nftables_request(1, 4, 1, attr, what)  # NLM_F_ACK; NFPROTO_INET
+    if kind == 2:
+        err = _errno(data)
         if err == errno.ENOENT:
             return False
         if err:
-            raise _kernel_error(f"asking the kernel for table inet {name} failed", os.strerror(err))
+            raise _kernel_error(f"{what} failed", os.strerror(err))
     return kind == (10 << 8) | 0  # NFT_MSG_NEWTABLE: it exists
 
 

@@ -16,3 +16,14 @@ def write(tmp_path):
         return path
 
     return _write
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The in-memory kernel, also what `nftlb.backend.make()` returns (for CLI tests)."""
+    from nftlb import backend
+    from nftlb.fake import Fake
+
+    fake = Fake()
+    monkeypatch.setattr(backend, "make", lambda name=None: fake)
+    return fake

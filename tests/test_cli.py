@@ -4,19 +4,11 @@ import json
 
 import pytest
 
-from nftlb import backend, cli, state
-from nftlb.fake import Fake
+from nftlb import cli, state
 
 from conftest import ROOT
 
 WEB = ROOT / "rules" / "web.yaml"
-
-
-@pytest.fixture
-def kernel(monkeypatch):
-    fake = Fake()
-    monkeypatch.setattr(backend, "make", lambda name=None: fake)
-    return fake
 
 
 @pytest.fixture

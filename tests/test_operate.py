@@ -8,16 +8,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nftlb import backend, cli, metrics, ops, state, status
+from nftlb import cli, metrics, ops, state, status
 from nftlb.errors import KernelError, UsageError
-from nftlb.fake import Fake
-
-
-@pytest.fixture
-def kernel(monkeypatch):
-    fake = Fake()
-    monkeypatch.setattr(backend, "make", lambda name=None: fake)
-    return fake
 
 
 @pytest.fixture
