@@ -20,11 +20,11 @@ from pathlib import Path
 import jinja2
 
 from nftlb.errors import UsageError
+from nftlb.model import NFT_KEYWORDS, POOL_NAME, TABLE_NAME
 from nftlb.plan import KINDS, Endpoint, Plan, PoolPlan
 
 _IDENT = re.compile(r"[a-z][a-z0-9_-]{0,63}")
-_TABLE = re.compile(r"[a-z][a-z0-9_]{0,30}")  # as model.TABLE_NAME
-_POOL = re.compile(r"[a-z][a-z0-9_-]{0,30}")  # as model.POOL_NAME
+_TABLE, _POOL = TABLE_NAME, POOL_NAME  # the validator's own patterns, checked again here
 _TOKEN = re.compile(r"[a-z0-9_]{1,16}")  # a word of nft syntax picked from a fixed set: tcp, ip6, 4, ...
 
 # One element of a set or map, as nftlb/elements.py spells them: addresses, protocols and
@@ -76,8 +76,6 @@ def ident(value: object) -> str:
 
 def table_name(value: object) -> str:
     """Our table's name: an identifier that nft does not read as a keyword."""
-    from nftlb.model import NFT_KEYWORDS
-
     if type(value) is not str or not _TABLE.fullmatch(value) or value in NFT_KEYWORDS:
         raise RenderError(f"refusing to render {_show(value)} as an nftables table name")
     return value

@@ -6,6 +6,7 @@ unreadable state file do not take it down; `watch --once` runs queue for the wat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -276,14 +277,24 @@ def _hold_watch_lock(state_dir, once, ready, release):
     os.close(fd)
 
 
-@pytest.mark.parametrize("holder_once", [True, False])
-def test_once_waits_for_a_once_round_and_a_daemon_is_refused_at_once(tmp_path, holder_once):
+@contextlib.contextmanager
+def _watch_lock_held(tmp_path, once: bool):
+    """Another process holds the watch lock (as a --once round or a daemon) until `release`."""
     ctx = multiprocessing.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_watch_lock, args=(tmp_path, holder_once, ready, release))
+    holder = ctx.Process(target=_hold_watch_lock, args=(tmp_path, once, ready, release))
     holder.start()
     try:
         assert ready.wait(10)
+        yield release
+    finally:
+        release.set()
+        holder.join(10)
+
+
+@pytest.mark.parametrize("holder_once", [True, False])
+def test_once_waits_for_a_once_round_and_a_daemon_is_refused_at_once(tmp_path, holder_once):
+    with _watch_lock_held(tmp_path, holder_once) as release:
         started = time.monotonic()
         if holder_once:  # a --once round ends within seconds: the next one queues behind it
             ends = threading.Timer(0.3, release.set)  # the round in progress ends
@@ -298,20 +309,9 @@ def test_once_waits_for_a_once_round_and_a_daemon_is_refused_at_once(tmp_path, h
                 with pytest.raises(StateError, match="another nftlb watch is running"):
                     state.watch_lock(tmp_path, once=once, timeout=10)
             assert time.monotonic() - started < 1
-    finally:
-        release.set()
-        holder.join(10)
 
 
 def test_once_gives_up_after_its_timeout(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_watch_lock, args=(tmp_path, True, ready, release))
-    holder.start()
-    try:
-        assert ready.wait(10)
+    with _watch_lock_held(tmp_path, True):
         with pytest.raises(StateError, match="waited 0 s for its round to end"):
             state.watch_lock(tmp_path, once=True, timeout=0.2)
-    finally:
-        release.set()
-        holder.join(10)
