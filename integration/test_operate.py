@@ -95,6 +95,7 @@ def test_metrics_endpoint_serves_prometheus_text_with_the_kernels_numbers(gw, la
     watch = WatchProcess(gw, file, "--metrics", f"127.0.0.1:{port}")
     try:
         watch.saw("metrics on http://127.0.0.1")
+        watch.saw("watching 3 backends")  # the table is applied (the metrics listener starts first)
         res = lab.http_spread(VIP, 80, 30)
         assert res["failed"] == 0
         m = wait_for(lambda: (lambda d: d if d.get(("nftlb_probe_duration_seconds_count", (("result", "ok"),)), 0) >= 6
