@@ -22,6 +22,15 @@ JSON on stdout:
     random ephemeral ports, which may repeat.  The last source port used is
     reported as "last_sport".
 
+``connects VIP PORT COUNT TIMEOUT PROTO [FIRST_SPORT]``
+    COUNT new connections one after another (PROTO tcp: a connect(); udp: one
+    datagram, then wait for an answer), each timed.  With FIRST_SPORT the
+    sockets are bound to FIRST_SPORT, FIRST_SPORT+1, ...  Prints
+    ``{"outcomes": {"refused": n, "timeout": n, "answered": n, ...},
+    "results": [[outcome, seconds, sport], ...]}``; an outcome is
+    ``answered``, ``refused`` (a TCP reset or an ICMP port-unreachable),
+    ``timeout``, ``unreachable`` (an ICMP net/host unreachable) or an errno name.
+
 ``keepalive VIP PORT N [TIMEOUT]``
     One TCP connection, N HTTP/1.1 requests on it.  Prints
     ``{"backends": [...], "local_port": p, "error": null|"..."}``.
@@ -200,6 +209,45 @@ def spread_udp(vip: str, port: int, count: int, timeout: float, first_sport: int
     out = res.as_dict()
     out["last_sport"] = last_sport
     return out
+
+
+def _outcome(exc: OSError) -> str:
+    if isinstance(exc, (ConnectionRefusedError, ConnectionResetError)):
+        return "refused"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timeout"
+    if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return "unreachable"
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
+def connects(vip: str, port: int, count: int, timeout: float, proto: str, first_sport: int | None = None) -> dict:
+    host = _host(vip)
+    family, socktype, _, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+    )[0]
+    results, outcomes, sport = [], {}, first_sport
+    for _ in range(count):
+        sock = socket.socket(family, socktype)
+        sock.settimeout(timeout)
+        used = None
+        started = time.monotonic()
+        try:
+            if sport is not None:
+                used = _bind_next(sock, family, sport)
+                sport = used + 1
+            sock.connect(addr)
+            if proto == "udp":
+                sock.send(b"ping")
+                sock.recv(65535)
+            outcome = "answered"
+        except OSError as exc:
+            outcome = _outcome(exc)
+        finally:
+            sock.close()
+        results.append([outcome, round(time.monotonic() - started, 6), used])
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return {"outcomes": outcomes, "results": results}
 
 
 def _open(vip: str, port: int, timeout: float) -> tuple:
@@ -383,6 +431,10 @@ def main(argv=None) -> int:
         elif cmd == "ports-http":
             vip, port, first, count, timeout = args
             _emit(ports_http(vip, int(port), int(first), int(count), float(timeout)))
+        elif cmd == "connects":
+            vip, port, count, timeout, proto = args[:5]
+            first_sport = int(args[5]) if len(args) > 5 else None
+            _emit(connects(vip, int(port), int(count), float(timeout), proto, first_sport))
         elif cmd == "keepalive":
             vip, port, n = args[:3]
             timeout = float(args[3]) if len(args) > 3 else 5.0

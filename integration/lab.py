@@ -613,6 +613,13 @@ class Lab:
         out.pop("last_sport", None)
         return out
 
+    def connects(self, vip: str, port: int, count: int, proto: str = "tcp", timeout: float = 1.0,
+                 ns: str | None = None, first_sport: int | None = None) -> dict:
+        """``count`` new connections one after another, each timed (see client.py ``connects``)."""
+        extra = [] if first_sport is None else [first_sport]
+        return self._client(ns or self.client, "connects", vip, port, count, timeout, proto, *extra,
+                            timeout=count * (timeout + 0.5) + 10)
+
     def keepalive(self, vip: str, port: int, requests: int = 3, ns: str | None = None, timeout: float = 5.0) -> list[str]:
         """One TCP connection, ``requests`` HTTP/1.1 requests; backend name per request.
 

@@ -78,7 +78,10 @@ def test_ip_forward_off_fails_and_on_passes(lab_factory):
     assert "10.0.0.11" in check["detail"] and "sysctl -w net.ipv4.ip_forward=1" in check["detail"]
     assert out["exit"] == 1
     assert out["by_name"]["kernel"]["verdict"] == "ok", out["by_name"]["kernel"]  # the dry-run passed
-    assert out["by_name"][f"vip {VIP}"]["verdict"] == "warn"  # the lab's gateway has no route to it
+    assert out["by_name"][f"vip {VIP}"]["verdict"] == "ok"  # no route to it on the gateway: fine for DNAT
+    assert "no route to it" in out["by_name"][f"vip {VIP}"]["detail"]
+    refusal = out["by_name"][f"refusal {VIP}"]["detail"]
+    assert "before routing: TCP reset;" in refusal and "'network unreachable'" in refusal, refusal
     assert len(out["text"].splitlines()) == len(out["checks"]) + 1
 
     sysctl(lab, lab.gw, "net.ipv4.ip_forward=1")
@@ -130,6 +133,9 @@ def test_local_listener_on_the_vip_is_named(lab_factory):
             assert "will reach the backends instead" in check["detail"]
         assert f"listener {VIP}:443/tcp" not in out["by_name"]  # nothing listens there
         assert out["by_name"][f"vip {VIP}"]["verdict"] == "ok"
+        refusal = out["by_name"][f"refusal {VIP}"]["detail"]  # this box's sysctls, as they are
+        assert "TCP reset and ICMP port-unreachable (rate-limited per client: a burst of 6, then one per 1000 ms" \
+            in refusal and "own connections: refused alike" in refusal, refusal
         assert out["exit"] == 0  # shadowing is a warning, not a blocker
     finally:
         proc.stdin.close()

@@ -118,7 +118,7 @@ def test_udp_backend_down_resets_its_flows(gw, lab):
     assert f"src={ADDR[first]}" in flows()
     assert set(send()["backends"]) == {first}  # pinned
     lab.stop_server(lab.backend(first))
-    watcher.saw(f"pool dns: reset flows to {ADDR[first]}:5353")
+    watcher.saw(f"conntrack entries of pool dns toward {ADDR[first]}:5353: 1 deleted")
     assert f"src={ADDR[first]}" not in flows()
     now = send()
     assert now["failed"] == 0 and first not in now["backends"], now  # the same client moved on at once
@@ -237,7 +237,7 @@ def test_on_down_keep_leaves_established_flows_and_reset_cuts_them(gw, lab_facto
     b = lab.backend(victim)
     lab.exec(b.ns, "nft", "-f", "-", input="table inet fw {\n chain input {\n"
              "  type filter hook input priority filter; policy accept;\n  tcp dport 8081 reject with tcp reset\n }\n}\n")
-    watcher.saw(f"pool cut: reset flows to {b.ipv4}:8080")
+    watcher.saw(f"conntrack entries of pool cut toward {b.ipv4}:8080: 1 deleted")
     watcher.saw(f"pool keep backend {b.ipv4}:8080 down")
     assert keep[victim].request() == victim  # keep: the established connection carries on
     with pytest.raises(Exception, match="reset|closed|Broken|refused") as cut_off:

@@ -43,6 +43,9 @@ class Backend(Protocol):
 
     def has_table(self, name: str) -> bool: ...
 
+    @property
+    def conntrack(self): ...  # nftlb.conntrack.Tool (or the fake's): the same namespace's connections
+
 
 def _kernel_error(what: str, stderr: str) -> KernelError:
     detail = stderr.strip() or "no message"
@@ -131,7 +134,21 @@ def kernel_has_table(name: str) -> bool:
     return kind == (10 << 8) | 0  # NFT_MSG_NEWTABLE: it exists
 
 
-class Libnftables:
+class _Conntrack:
+    """The conntrack tool, found on first use (most commands never need it)."""
+
+    _tool = None
+
+    @property
+    def conntrack(self):
+        if self._tool is None:
+            from nftlb.conntrack import Tool
+
+            self._tool = Tool()
+        return self._tool
+
+
+class Libnftables(_Conntrack):
     name = "libnftables"
     generation = staticmethod(kernel_generation)
     has_table = staticmethod(kernel_has_table)
@@ -176,7 +193,7 @@ class Libnftables:
         return out
 
 
-class NftBinary:
+class NftBinary(_Conntrack):
     name = "nft"
     generation = staticmethod(kernel_generation)
     has_table = staticmethod(kernel_has_table)

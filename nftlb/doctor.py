@@ -32,6 +32,8 @@ _FEATURES: dict[str, tuple[list[str], list[str]]] = {
     "jhash": ([f"ip daddr 198.51.100.3 dnat ip to jhash ip saddr . tcp sport mod 2 seed 0x1 {_MAP}"], []),
     "conntrack": (["ct state new counter"], []),
     "masquerade": ([], ["meta l4proto tcp masquerade"]),
+    # refused pools: reject in the nat chains, before routing (kernels before 5.x refuse it at prerouting)
+    "reject": (["meta l4proto tcp reject with tcp reset", "reject"], []),
 }
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -216,19 +218,49 @@ def _route(vip: Address) -> dict | None:
         return None
 
 
-def _vip(vip: Address, local: dict[Address, str]) -> tuple[Check, bool]:
+def _vip(vip: Address, local: dict[Address, str]) -> tuple[Check, str]:
+    """Where the VIP lives on this box: "local", "routed", "none" (no route) or "unknown"."""
     name = f"vip {vip}"
     route = None if vip in local else _route(vip)
     if vip in local or (route or {}).get("type") == "local":
         dev = local.get(vip) or (route or {}).get("dev")
         return Check(name, "ok", f"local (on dev {dev}): the gateway's own traffic "
-                                 "and traffic to this box are balanced"), True
+                                 "and traffic to this box are balanced"), "local"
     if route == {}:
-        return Check(name, "warn", "not local and no route to it: check the routing table; clients must "
-                                   "route it through this box"), False
-    via = f"dev {route['dev']}" + (f" via {route['gateway']}" if route.get("gateway") else "") if route else \
-        "an unknown route (no ip tool)"
-    return Check(name, "ok", f"not local: routed via {via}; clients must route it through this box"), False
+        return Check(name, "ok", "not local and no route to it: fine for DNAT (nftlb translates before "
+                                 "routing); the upstream router must send it to this box, and this box's "
+                                 "own connections to it fail"), "none"
+    if route is None:
+        return Check(name, "ok", "not local: routed via an unknown route (no ip tool); clients must route "
+                                 "it through this box"), "unknown"
+    via = f"dev {route['dev']}" + (f" via {route['gateway']}" if route.get("gateway") else "")
+    return Check(name, "ok", f"not local: routed via {via}; clients must route it through this box"), "routed"
+
+
+def _icmp_limit(proc: Path, version: int) -> str:
+    """How the kernel limits the ICMP errors a refused UDP datagram gets (per client address)."""
+    if version == 4:
+        ms, mask = _read(proc / "sys/net/ipv4/icmp_ratelimit"), _read(proc / "sys/net/ipv4/icmp_ratemask")
+        if mask is not None and mask.isdigit() and not int(mask) & (1 << 3):  # 3: destination unreachable
+            return "not rate-limited (net.ipv4.icmp_ratemask leaves out unreachables)"
+        if ms == "0":
+            return "not rate-limited (net.ipv4.icmp_ratelimit = 0)"
+        return f"rate-limited per client: a burst of 6, then one per {ms or '?'} ms (net.ipv4.icmp_ratelimit)"
+    ms = _read(proc / "sys/net/ipv6/icmp/ratelimit")
+    return (f"rate-limited per client: one per {ms or '?'} ms, less for a client behind a wider route "
+            "(net.ipv6.icmp.ratelimit)")
+
+
+def _refusal(vip: Address, where: str, protocols: set[str], proc: Path) -> Check:
+    """How a refused pool on `vip` answers here (issue: never a black hole)."""
+    answers = ["TCP reset"] if "tcp" in protocols else []
+    if "udp" in protocols:
+        answers.append(f"ICMP port-unreachable ({_icmp_limit(proc, vip.version)})")
+    own = {"local": "refused alike", "routed": "refused alike",
+           "none": "fail with 'network unreachable' from its own stack before any rule (no route)",
+           "unknown": "refused alike if it has a route to the VIP"}[where]
+    return Check(f"refusal {vip}", "ok", f"a pool without a usable backend answers clients at once, before "
+                                         f"routing: {' and '.join(answers)}; this box's own connections: {own}")
 
 
 def _endpoint(ip: str, port: int) -> str:
@@ -276,9 +308,9 @@ def run(config: model.Config | None, nft: backend.Backend | None, *, proc: Path 
     if pools:
         local_vips: set[Address] = set()
         for vip in dict.fromkeys(p.vip for p in pools):
-            check, is_local = _vip(vip, local)
-            checks.append(check)
-            if is_local:
+            check, where = _vip(vip, local)
+            checks += [check, _refusal(vip, where, {p.protocol for p in pools if p.vip == vip}, proc)]
+            if where == "local":
                 local_vips.add(vip)
         checks += _listeners(pools, local_vips)
     return checks

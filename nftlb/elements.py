@@ -24,10 +24,8 @@ def of_pool(p: PoolPlan) -> dict[str, dict[str, str]]:
     name = ident(p.name)
     service, vip = _service(p), f"{p.vip} . {p.port}"
     out: dict[str, dict[str, str]] = {f"pools{p.fam}": {service: service}}  # what the accounting counts
-    if p.slots:
-        out[f"services{p.fam}"] = {service: f'{service} comment "{name}" : goto {ident(p.chain)}'}
-    else:
-        out[f"refuse{p.fam}"] = {service: f'{service} comment "{name}"'}
+    # a pool without a backend for new connections goes to the `refuse` chain: answered at once
+    out[f"services{p.fam}"] = {service: f'{service} comment "{name}" : goto {ident(p.chain or "refuse")}'}
     if p.kind == "direct":
         out[f"direct{p.fam}_{p.protocol}"] = {vip: f'{vip} comment "{name}" : {p.slots[0].nft}'}
     elif p.slots:

@@ -17,10 +17,27 @@ from nftlb.errors import KernelError
 _ABSENT = "No such file or directory"
 
 
+class FakeConntrack:
+    """Records what nftlb asks conntrack to delete; holds no connections."""
+
+    name = "fake-conntrack"
+
+    def __init__(self):
+        self.deleted: list = []  # nftlb.update.Flows, in the order asked
+
+    def delete(self, flows) -> int:
+        self.deleted.append(flows)
+        return 0
+
+    def open_connections(self) -> dict | None:
+        return None  # unknown, like a box without the tool
+
+
 class Fake:
     name = "fake"
 
     def __init__(self):
+        self.conntrack = FakeConntrack()
         self.tables: dict[str, dict[str, dict]] = {}  # table -> "kind name" -> {"decl", "elements" | "rules"}
         self.scripts: list[tuple[str, bool]] = []
         self.reject: str | None = None  # set to make the next run() fail like the kernel would

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ from nftlb.backend import Backend
 from nftlb.errors import KernelError, StateError, UsageError
 from nftlb.model import DEFAULT_TABLE
 
+log = logging.getLogger("nftlb")
 SNAPSHOT_LIMIT = 20_000  # elements: listing a larger table costs seconds, so only the generation is kept
 
 
@@ -199,8 +201,11 @@ class Result:
 
 
 def _commit(nft: Backend, state_dir: Path, want: Desired, old: planlib.Plan | None, *, check: bool = False,
-            retire: str | None = None, history_id: int | None = None) -> update.Changes | None:
-    """One transaction from `old` (None: unknown, replace the whole table) to `want`, then the record."""
+            retire: str | None = None, history_id: int | None = None,
+            believed: planlib.Plan | None = None) -> update.Changes | None:
+    """One transaction from `old` (None: unknown, replace the whole table) to `want`, then the
+    record, then the conntrack entries the change leaves stale (`believed`: the plan believed
+    live, also when the table is replaced whole)."""
     if old is None:
         script, changes = want.script, None
     else:
@@ -226,7 +231,25 @@ def _commit(nft: Backend, state_dir: Path, want: Desired, old: planlib.Plan | No
         generation=after if after == before + commits else None,  # someone else committed in between: unsure
         snapshot=snapshot, backend=nft.name, version=__version__, history_id=history_id,
     ))
+    reset = frozenset(p.name for p in want.config.pools if p.reset_on_down)
+    clear_flows(nft, update.flows(believed if believed is not None else old, want.plan, reset))
     return changes
+
+
+def clear_flows(nft: Backend, stale: list[update.Flows]) -> int:
+    """Delete conntrack entries the committed table no longer stands behind. The table is
+    committed already: a failure here is logged, and the entries time out on their own."""
+    gone = 0
+    for flows in stale:
+        try:
+            n = nft.conntrack.delete(flows)
+        except KernelError as e:
+            log.error("%s", e)
+            continue
+        gone += n
+        if n:
+            log.info("%s: %d deleted", flows, n)
+    return gone
 
 
 def _remembered(nft: Backend, table: str, lost) -> dict[str, list]:
@@ -320,7 +343,8 @@ def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bo
                      "source_text": text}
         else:
             history_id, entry = current, None
-        changes = _commit(nft, state_dir, want, old, check=dry_run, retire=retire, history_id=history_id)
+        changes = _commit(nft, state_dir, want, old, check=dry_run, retire=retire, history_id=history_id,
+                          believed=applied_plan(applied) if applied is not None and applied.table == table else None)
         if entry is not None and not dry_run:
             state.add_history(state_dir, entry, history_id, after=current)
         touched = len(result.pools_added) + len(result.pools_removed) + len(result.pools_changed)
@@ -410,7 +434,7 @@ def refresh(nft: Backend, state_dir: Path, *, whole_table: bool = False) -> Refr
     if not whole_table and old == want.plan:
         return Refresh([], False, want.plan)
     trusted = not whole_table and inspect(nft, applied, want.plan.table).trusted
-    changes = _commit(nft, state_dir, want, old if trusted else None, history_id=applied.history_id)
+    changes = _commit(nft, state_dir, want, old if trusted else None, history_id=applied.history_id, believed=old)
     before = {p.name: p for p in (old.pools if old else ())}
     changed = [p.name for p in want.plan.pools if before.get(p.name) != p]
     return Refresh(changed if changes is not None else [p.name for p in want.plan.pools], changes is None, want.plan)

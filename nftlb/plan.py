@@ -115,18 +115,6 @@ class Plan:
     seed: int
     pools: tuple[PoolPlan, ...]
 
-    def serving(self, family: str) -> list[PoolPlan]:
-        """Pools of `family` that have a backend for new connections."""
-        return [p for p in self.pools if p.family == family and p.slots]
-
-    def refusing(self, family: str) -> list[PoolPlan]:
-        """Pools of `family` with no backend for new connections: refused, not black-holed."""
-        return [p for p in self.pools if p.family == family and not p.slots]
-
-    @property
-    def refuses(self) -> bool:
-        return any(not p.slots for p in self.pools)
-
     def pool(self, name: str) -> PoolPlan | None:
         return next((p for p in self.pools if p.name == name), None)
 

@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 from nftlb import ops, plan as planlib, state
 from nftlb.backend import Backend
+from nftlb.conntrack import Tool
 from nftlb.errors import StateError
-
-CLOSED = {"TIME_WAIT", "CLOSE"}  # TCP states that are no longer an open connection
-# a conntrack -L line: proto, its number, timeout, [state], original tuple, reply tuple
-_TUPLE = re.compile(r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)")
-
 
 def _addr(text: str) -> str:
     return str(ipaddress.ip_address(text))
@@ -59,30 +52,7 @@ def counters(nft: Backend, table: str) -> tuple[dict[str, dict[Key, dict]], bool
 
 def open_connections(conntrack: str | None = None) -> dict[Key, int] | None:
     """Connections open now per (vip, protocol, port, backend, port); None without conntrack."""
-    binary = conntrack or shutil.which("conntrack")
-    if not binary:
-        return None
-    out: dict[Key, int] = {}
-    for family in ("ipv4", "ipv6"):
-        try:
-            proc = subprocess.run([binary, "-L", "-f", family], capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        if proc.returncode != 0:
-            return None
-        for line in proc.stdout.splitlines():
-            fields = line.split()
-            if len(fields) < 4 or fields[0] not in ("tcp", "udp"):
-                continue
-            if fields[0] == "tcp" and fields[3] in CLOSED:
-                continue
-            tuples = _TUPLE.findall(line)
-            if len(tuples) < 2:
-                continue
-            (_, vip, _, vport), (backend, _, bport, _) = tuples[0], tuples[1]
-            key = (_addr(vip), fields[0], int(vport), _addr(backend), int(bport))
-            out[key] = out.get(key, 0) + 1
-    return out
+    return Tool(conntrack).open_connections()
 
 
 def collect(nft: Backend, state_dir: Path, *, conntrack: str | None = None, now: float | None = None) -> dict:
@@ -99,7 +69,7 @@ def collect(nft: Backend, state_dir: Path, *, conntrack: str | None = None, now:
     records = health_doc.get("backends", {})
     drained = {tuple(x) for x in (state.read_doc(state_dir, state.OVERRIDES) or {}).get("drained", [])}
     counts, live = counters(nft, applied.table)
-    opened = open_connections(conntrack)
+    opened = (Tool(conntrack) if conntrack is not None else nft.conntrack).open_connections()
     stats = state.read_doc(state_dir, state.STATS) or {}
     checked = [r.get("checked") for r in records.values() if r.get("checked")]
     pools = []

@@ -25,13 +25,11 @@ class Changes:
     add_sticky: list[tuple[str, str, int]] = field(default_factory=list)  # (fam, protocol, seconds)
     add_chains: list[tuple[str, PoolPlan]] = field(default_factory=list)  # (chain, a pool it picks for)
     remember: Plan | None = None  # the plan whose persistence rules fill chain `remember`
-    add_refuse: bool = False  # create the filter chains that refuse (a first pool is refused)
     add_elements: list[tuple[str, list[str]]] = field(default_factory=list)  # (set or map, elements)
 
     def __bool__(self) -> bool:
         return any((self.delete_elements, self.flush_chains, self.delete_chains, self.delete_maps,
-                    self.delete_sets, self.add_sticky, self.add_chains, self.remember, self.add_elements,
-                    self.add_refuse))
+                    self.delete_sets, self.add_sticky, self.add_chains, self.remember, self.add_elements))
 
 
 def _chains(plan: Plan) -> dict[str, PoolPlan]:
@@ -76,13 +74,6 @@ def changes(old: Plan, new: Plan) -> Changes:
             c.flush_chains.append(name)
             c.add_chains.append((name, q))
     c.add_chains += [(name, q) for name, q in new_chains.items() if name not in old_chains]
-
-    if new.refuses and not old.refuses:
-        c.add_refuse = True
-    elif old.refuses and not new.refuses:  # the hook chains jump to `refuse`: they go first
-        refuse = ["refuse_input", "refuse_forward", "refuse_output", "refuse"]
-        c.flush_chains += refuse
-        c.delete_chains += refuse
 
     old_sticky, new_sticky = set(old.sticky()), set(new.sticky())
     if old_sticky != new_sticky:
@@ -134,3 +125,53 @@ def forget(table: str, remembered: dict[str, list[tuple[str, str, int, str, int]
 def script(old: Plan, new: Plan) -> tuple[str, Changes]:
     c = changes(old, new)
     return (render.update(new.table, new.seed, c) if c else ""), c
+
+
+@dataclass(frozen=True)
+class Flows:
+    """Conntrack entries of one pool's service, toward one backend (None: any), that must go
+    after a transaction: they would keep sending packets where the new table no longer does."""
+
+    pool: str
+    family: str  # "ip" | "ip6"
+    protocol: str
+    vip: str
+    port: int
+    backend: tuple[str, int] | None  # the reply source (address, port); None: any backend
+    unreplied: bool  # only entries that never saw a reply (TCP SYN_SENT, UDP [UNREPLIED])
+
+    def __str__(self) -> str:
+        b = self.backend
+        toward = "" if b is None else f" toward [{b[0]}]:{b[1]}" if ":" in b[0] else f" toward {b[0]}:{b[1]}"
+        return f"{'unreplied ' if self.unreplied else ''}conntrack entries of pool {self.pool}{toward}"
+
+
+def flows(old: Plan | None, new: Plan, reset: frozenset[str] = frozenset()) -> list[Flows]:
+    """The conntrack entries to delete once `new` is committed over `old` (None: unknown).
+
+    - A backend that went down (the watcher says so) and takes no new connections: its
+      entries that never saw a reply. A client kernel reuses the source port of a
+      connection that got no answer, and its next SYN (or datagram) would follow such an
+      entry to the dead backend whatever the table says now. With `on_down: reset` (the
+      pools named in `reset`), all of its entries: clients fail fast and come back.
+    - A pool that became refused: its entries that never saw a reply, toward any backend,
+      so that the next attempt meets the refusal instead of a stale entry.
+    Entries of established connections are otherwise left alone: draining keeps them.
+    """
+    before = {p.name: p for p in old.pools} if old is not None else {}
+    out = []
+    for q in new.pools:
+        p = before.get(q.name)
+        if p is not None and (p.vip, p.port, p.protocol) != (q.vip, q.port, q.protocol):
+            p = None  # another service under the same name: nothing of the old one carries over
+        service = (q.name, q.family, q.protocol, str(q.vip), q.port)
+        if not q.slots and (p is None or p.slots):
+            out.append(Flows(*service, None, True))
+        active = set(q.active)
+        for b in q.down:
+            if b in active or (p is not None and b in p.down):
+                continue  # still used (keep-last), or already down before: dealt with then
+            if not q.slots and q.name not in reset:
+                continue  # the pool's unreplied entries go as a whole, above
+            out.append(Flows(*service, (str(b.address), b.port), q.name not in reset))
+    return out

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,12 +27,11 @@ SAVE_EVERY = 10.0  # seconds between health.json writes when only probe times ch
 class Watcher:
     def __init__(self, nft: Backend, state_dir: Path, *, probe: health.Probe = health.tcp_probe,
                  concurrency: int = 256, monotonic: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, conntrack: str | None = None,
+                 wall: Callable[[], float] = time.time,
                  observe: Callable[[bool, float], None] | None = None):
         self.nft, self.state_dir, self.probe = nft, Path(state_dir), probe
         self.observe = observe  # (ok, seconds) of every probe: the metrics' histogram
         self.concurrency, self.monotonic, self.wall = concurrency, monotonic, wall
-        self.conntrack = conntrack if conntrack is not None else shutil.which("conntrack")
         doc = state.read_doc(self.state_dir, state.HEALTH) or {}
         self.records = health.load(doc)
         self.retry_whole_table = bool(doc.get("retry_whole_table"))
@@ -148,7 +145,6 @@ class Watcher:
             what = "the whole table" if result.whole_table else "pools " + ", ".join(result.changed)
             log.info("committed %s", what)
         self._report(result.plan, {t.target.pool for t in transitions})
-        self._reset_conntrack(result.plan, transitions)
         return True
 
     @staticmethod
@@ -187,36 +183,6 @@ class Watcher:
             elif p.fallback == "backups":
                 log.warning("pool %s: no primary up; serving from backups %s", name,
                             ", ".join(b.display for b in p.active))
-
-    def _reset_conntrack(self, plan: planlib.Plan, transitions: list[health.Transition]) -> None:
-        """on_down: reset (the default for udp): delete the down backend's flows for that pool,
-        so clients are re-balanced instead of staying pinned to it."""
-        pools = {p.name: p for p in self.config.pools} if self.config is not None else {}
-        for t in transitions:
-            pool, p = pools.get(t.target.pool), plan.pool(t.target.pool)
-            if t.up or pool is None or p is None or not pool.reset_on_down:
-                continue
-            # the plan is of the file applied now, which may have changed since the round began
-            backend = next((b for b in p.backends if b.display == t.target.backend), None)
-            if backend is None or backend in p.active:  # gone; or keep-last kept it: its flows are all there is
-                continue
-            if not self.conntrack:
-                log.error("pool %s: cannot delete flows of %s: the conntrack tool is not installed",
-                          pool.name, backend.display)
-                continue
-            argv = [self.conntrack, "-D", "-f", "ipv4" if p.family == "ip" else "ipv6", "-p", p.protocol,
-                    "--orig-dst", str(p.vip), "--orig-port-dst", str(p.port),
-                    "--reply-src", str(backend.address), "--reply-port-src", str(backend.port)]
-            try:
-                proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                log.error("pool %s: conntrack -D for %s failed: %s", pool.name, backend.display, e)
-                continue
-            deleted = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-            if proc.returncode not in (0, 1):  # 1: nothing matched
-                log.error("pool %s: conntrack -D for %s failed: %s", pool.name, backend.display, deleted)
-            else:
-                log.info("pool %s: reset flows to %s (%s)", pool.name, backend.display, deleted or "none")
 
     # -- loops --------------------------------------------------------------
 

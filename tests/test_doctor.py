@@ -117,13 +117,13 @@ def test_kernel_probe_is_a_dry_run_with_every_feature(box, tmp_path):
     nft = Stub()
     check = by_name(doctor.run(None, nft, proc=fake_proc(tmp_path)))["kernel"]
     assert check.verdict == "ok"
-    assert "nf_tables, nat, numgen, jhash, conntrack and masquerade accepted (kernel dry-run)" in check.detail
+    assert "nf_tables, nat, numgen, jhash, conntrack, masquerade and reject accepted (kernel dry-run)" in check.detail
     assert nft.scripts and all(check for _, check in nft.scripts)  # never committed
     script = nft.scripts[0][0]
     assert f"table inet {doctor.PROBE_TABLE} {{" in script and "nftlb_doctor" in script
     for part in ("dnat ip to numgen inc mod 2 map { 0 : 192.0.2.1, 1 : 192.0.2.2 }",
                  "jhash ip saddr . tcp sport mod 2 seed 0x1", "ct state new", "masquerade",
-                 "type nat hook prerouting", "type nat hook postrouting"):
+                 "type nat hook prerouting", "type nat hook postrouting", "reject with tcp reset"):
         assert part in script
 
 
@@ -138,7 +138,7 @@ def test_kernel_refusal_names_the_missing_feature_and_what_nft_said(box, tmp_pat
 def test_kernel_refusing_nat_names_everything_that_needs_it(box, tmp_path):
     check = by_name(doctor.run(None, Stub("type nat"), proc=fake_proc(tmp_path)))["kernel"]
     assert check.verdict == "fail"
-    assert "refused nat, numgen, jhash, conntrack, masquerade:" in check.detail
+    assert "refused nat, numgen, jhash, conntrack, masquerade, reject:" in check.detail
     assert "nf_tables" not in check.detail
 
 
@@ -273,7 +273,29 @@ def test_vip_routed_and_unroutable(box, tmp_path):
     assert "not local: routed via dev eth0 via 203.0.113.1" in box_checks["vip 198.51.100.10"].detail
     box["routes"]["203.0.113.99"] = {}
     check = by_name(doctor.run(config(pool("other", vip="203.0.113.99")), Stub(), proc=fake_proc(tmp_path)))
-    assert check["vip 203.0.113.99"].verdict == "warn" and "no route" in check["vip 203.0.113.99"].detail
+    assert check["vip 203.0.113.99"].verdict == "ok" and "no route" in check["vip 203.0.113.99"].detail
+    assert "fine for DNAT" in check["vip 203.0.113.99"].detail
+
+
+@pytest.mark.parametrize("where, own", [("local", "refused alike"), ("routed", "refused alike"),
+                                        ("none", "'network unreachable' from its own stack")])
+def test_refusal_says_how_a_refused_pool_answers(box, tmp_path, where, own):
+    if where == "local":
+        box["addrs"]["vip0"] = ["198.51.100.10"]
+    elif where == "none":
+        box["routes"]["198.51.100.10"] = {}
+    proc = fake_proc(tmp_path)
+    for rel, value in (("sys/net/ipv4/icmp_ratelimit", "1000"), ("sys/net/ipv4/icmp_ratemask", "6168")):
+        (proc / rel).parent.mkdir(parents=True, exist_ok=True)
+        (proc / rel).write_text(value + "\n")
+    cfg = config(pool("web"), pool("dns", port=53, protocol="udp"))
+    check = by_name(doctor.run(cfg, Stub(), proc=proc))["refusal 198.51.100.10"]
+    assert check.verdict == "ok" and "before routing: TCP reset and ICMP port-unreachable" in check.detail
+    assert "a burst of 6, then one per 1000 ms (net.ipv4.icmp_ratelimit)" in check.detail
+    assert own in check.detail
+    (proc / "sys/net/ipv4/icmp_ratemask").write_text("0\n")
+    assert "not rate-limited" in by_name(doctor.run(cfg, Stub(), proc=proc))["refusal 198.51.100.10"].detail
+    assert "ICMP" not in by_name(doctor.run(WEB, Stub(), proc=proc))["refusal 198.51.100.10"].detail  # tcp only
 
 
 def test_vip_checked_once_per_address(box, tmp_path):

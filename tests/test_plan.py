@@ -97,8 +97,6 @@ pools:
   - {name: b, vip: "2001:db8::1", port: 53, protocol: udp, backends: ["fd00::1"]}
   - {name: c, vip: 198.51.100.2, port: 80, backends: [{address: 10.0.0.1, state: drain}]}
 """)
-    assert [x.name for x in p.serving("ip")] == ["a"]
-    assert [x.name for x in p.serving("ip6")] == ["b"]
-    assert [x.name for x in p.refusing("ip")] == ["c"]
-    assert p.refusing("ip6") == []
+    assert [(x.name, x.family, x.kind) for x in p.pools] == [("a", "ip", "hash"), ("b", "ip6", "direct"), ("c", "ip", "")]
+    assert p.pool("c").chain == ""  # refused: its services element goes to the `refuse` chain
     assert ep("fd00::1", 53).display == "[fd00::1]:53"

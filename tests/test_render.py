@@ -39,7 +39,7 @@ def test_dispatch_and_objects_do_not_grow_with_the_pool_count():
     text = rendered("pools:\n" + pools)
     assert text.count("vmap @services4") == 2  # prerouting and output, not one rule per pool
     assert len(re.findall(r"198\.51\.100\.\d+ \. tcp \. 80 comment \"p\d+\" : goto hash4_tcp_53", text)) == 59
-    assert text.count("\tchain ") == 14 and text.count("\tmap ") == 10  # the same for 1 pool or 10,000
+    assert text.count("\tchain ") == 15 and text.count("\tmap ") == 10  # the same for 1 pool or 10,000
     assert len(re.findall(r"198\.51\.100\.\d+ \. 80 \. \d+ : 10\.0\.0\.[12] \. 80", text)) == 59 * 53
 
 
@@ -61,8 +61,8 @@ pools:
     assert "dnat ip to ip daddr . tcp dport . numgen random mod 2 map @slots4_tcp" in text
     assert 'elements = { 2001:db8::1 . 80 comment "one" : fd00::1 . 8080 }' in text  # direct6_tcp
     assert "dnat ip6 to ip6 daddr . tcp dport . jhash ip6 saddr . tcp sport mod 7 seed 0xabc map @slots6_tcp" in text
-    assert "set refuse4 {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t}" in text  # nothing refused
-    assert "refuse_forward" not in text  # so no filter chain looks at every forwarded packet
+    assert ": goto refuse" not in text  # nothing refused
+    assert "hook prerouting priority filter" not in text and "refuse_forward" not in text  # no per-packet rule
 
 
 def test_all_drained_pool_is_refused_not_blackholed():
@@ -70,11 +70,11 @@ def test_all_drained_pool_is_refused_not_blackholed():
 pools:
   - {name: down, vip: 198.51.100.1, port: 80, backends: [{address: 10.0.0.1, state: drain}]}
 """)
-    assert "goto" not in text
-    assert 'elements = { 198.51.100.1 . tcp . 80 comment "down" }' in text
-    for hook in ("input", "forward", "output"):
-        assert f"type filter hook {hook} priority filter; policy accept;" in text
-    assert "reject with tcp reset" in text
+    # refused in the nat chains' one lookup, before routing: no route to the VIP is needed
+    assert 'elements = { 198.51.100.1 . tcp . 80 comment "down" : goto refuse }' in text
+    assert "\tchain refuse {\n\t\tmeta l4proto tcp reject with tcp reset\n\t\treject\n\t}" in text
+    filters = re.findall(r"type filter hook (\w+) priority filter; policy accept;\n\t\t(.*)", text)
+    assert filters == [(h, "ct status dnat jump count_traffic") for h in ("forward", "input", "output")]
 
 
 def test_masquerade_and_persistence_elements():

@@ -43,15 +43,17 @@ def test_maglev_moves_only_the_down_backends_slots():
     assert moved and all(str(old.slots[i].address) == "10.0.0.2" for i in moved)
 
 
-def test_last_backend_down_moves_the_pool_from_services_to_refuse():
+def test_last_backend_down_points_the_service_at_refuse():
     old = build(WEB)
     new = build(WEB, down=frozenset({("dns", "10.0.0.1:53")}))
-    _, c = update.script(old, new)
+    script, c = update.script(old, new)
     assert c.delete_elements == [("direct4_udp", ["198.51.100.2 . 53"]), ("services4", ["198.51.100.2 . udp . 53"])]
-    assert c.add_elements == [("refuse4", ['198.51.100.2 . udp . 53 comment "dns"'])]
-    assert c.add_refuse and "chain refuse_forward {" in update.render.update("nftlb", 1, c)
+    assert c.add_elements == [("services4", ['198.51.100.2 . udp . 53 comment "dns" : goto refuse'])]
+    assert "chain" not in script  # the refuse chain is always there: one element changes, nothing else
     _, back = update.script(new, old)
-    assert back.delete_chains == ["refuse_input", "refuse_forward", "refuse_output", "refuse"]
+    assert not back.delete_chains and back.add_elements == [
+        ("direct4_udp", ['198.51.100.2 . 53 comment "dns" : 10.0.0.1 . 53']),
+        ("services4", ['198.51.100.2 . udp . 53 comment "dns" : goto direct4_udp'])]
 
 
 def test_a_chain_used_by_no_pool_goes_and_a_new_one_comes():
@@ -101,3 +103,50 @@ def test_update_equals_whole_load_on_the_fake(seed):
         fresh = Fake()
         fresh.run(render.ruleset(new))
         assert loaded(walked) == loaded(fresh), script
+
+
+# -- conntrack entries a change leaves stale (update.flows) -----------------------------------
+
+def F(pool, vip, port, backend, unreplied, protocol="tcp", family="ip"):
+    return update.Flows(pool, family, protocol, vip, port, backend, unreplied)
+
+
+def test_a_backend_going_down_loses_its_unreplied_entries_and_with_reset_all():
+    old = build(WEB)
+    new = build(WEB, down=frozenset({("web", "10.0.0.2:80"), ("dns", "10.0.0.1:53")}))
+    assert update.flows(old, new) == [
+        F("web", "198.51.100.1", 80, ("10.0.0.2", 80), True),  # on_down keep (tcp): only unreplied ones
+        F("dns", "198.51.100.2", 53, None, True, "udp"),  # dns has nothing left: refused, all its unreplied
+    ]
+    assert update.flows(old, new, reset=frozenset({"web", "dns"})) == [
+        F("web", "198.51.100.1", 80, ("10.0.0.2", 80), False),  # reset: every entry toward it
+        F("dns", "198.51.100.2", 53, None, True, "udp"),
+        F("dns", "198.51.100.2", 53, ("10.0.0.1", 53), False, "udp"),
+    ]
+    assert str(update.flows(old, new)[0]) == "unreplied conntrack entries of pool web toward 10.0.0.2:80"
+
+
+def test_only_changes_leave_entries_stale():
+    down = frozenset({("web", "10.0.0.2:80")})
+    assert update.flows(build(WEB, down=down), build(WEB, down=down)) == []  # down before: dealt with then
+    assert update.flows(build(WEB, down=down), build(WEB)) == []  # coming back up
+    drained = build(WEB, drained=frozenset({("web", "10.0.0.2:80")}))
+    assert update.flows(build(WEB), drained) == []  # a drain keeps what is open, and a drained backend answers
+    refused = build(WEB, drained=frozenset({("dns", "10.0.0.1:53")}))
+    assert update.flows(build(WEB), refused) == [F("dns", "198.51.100.2", 53, None, True, "udp")]
+    assert update.flows(None, refused) == [F("dns", "198.51.100.2", 53, None, True, "udp")]  # unknown before
+
+
+def test_keep_last_keeps_the_entries_of_what_it_keeps():
+    text = WEB.replace("backends: [10.0.0.1, 10.0.0.2]}", "backends: [10.0.0.1, 10.0.0.2], when_all_down: keep-last}")
+    old = build(text, last={"api": ("10.0.0.1:443", "10.0.0.2:443")})
+    new = build(text, down=frozenset({("api", "10.0.0.1:443"), ("api", "10.0.0.2:443")}),
+                last={"api": ("10.0.0.1:443", "10.0.0.2:443")})
+    assert new.pool("api").fallback == "keep-last"
+    assert update.flows(old, new) == []
+
+
+def test_a_pool_that_changed_service_is_new():
+    moved = WEB.replace("vip: 198.51.100.2, port: 53", "vip: 198.51.100.3, port: 53")
+    old, new = build(WEB), build(moved, drained=frozenset({("dns", "10.0.0.1:53")}))
+    assert update.flows(old, new) == [F("dns", "198.51.100.3", 53, None, True, "udp")]

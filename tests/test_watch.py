@@ -69,8 +69,7 @@ class World:
         return True, "", 0.001
 
     def watcher(self):
-        return Watcher(self.kernel, self.state_dir, probe=self.probe, monotonic=self.clock, wall=self.clock,
-                       conntrack="")
+        return Watcher(self.kernel, self.state_dir, probe=self.probe, monotonic=self.clock, wall=self.clock)
 
     def rounds(self, w, n=1):
         out = []
@@ -93,7 +92,8 @@ class World:
         return sorted(out)
 
     def refused(self):
-        return [e.split(" comment")[0] for e in normalize(self.kernel.list("table inet nftlb"))["set refuse4"].get("elem", [])]
+        return [e.split(" comment")[0] for e in normalize(self.kernel.list("table inet nftlb"))["map services4"].get("elem", [])
+                if e.endswith(": goto refuse")]
 
 
 def test_fall_then_rise_one_transaction_each(tmp_path):
@@ -143,10 +143,18 @@ def test_all_down_reject_refuses_and_keep_last_keeps(tmp_path, caplog):
     world.dead.add(("10.0.0.11", 8080))
     world.rounds(w, 3)
     assert world.slots("last") == ["10.0.0.12 . 8080"]
+    deleted = world.kernel.conntrack.deleted
+    assert [(f.pool, f.backend, f.unreplied) for f in deleted] == [
+        ("web", ("10.0.0.11", 8080), True), ("dns", ("10.0.0.11", 53), False), ("last", ("10.0.0.11", 8080), True)]
+    deleted.clear()
     world.dead |= {("10.0.0.12", 8080), ("10.0.0.21", 8080)}
     with caplog.at_level(logging.ERROR, "nftlb"):
         world.rounds(w, 3)
     assert sorted(world.refused()) == ["198.51.100.10 . tcp . 80", "198.51.100.53 . udp . 53"]
+    # refused pools lose their unreplied entries; dns (udp: on_down reset) also its flows to 10.0.0.12;
+    # keep-last keeps 10.0.0.12 in `last`, and its entries with it
+    assert [(f.pool, f.backend, f.unreplied) for f in deleted] == [
+        ("web", None, True), ("dns", None, True), ("dns", ("10.0.0.12", 53), False)]
     assert world.slots("web") == []
     assert world.slots("last") == ["10.0.0.12 . 8080"]  # the last healthy set stays in place
     assert "pool last: ALL BACKENDS DOWN; keep-last leaves 10.0.0.12:8080 in place" in caplog.text

@@ -151,7 +151,7 @@ def test_flapping_for_ten_thousand_rounds_one_transaction_per_change_flat_memory
         ok = answers.get((address, port), steady)[rnd[0]]
         return (True, "", 0.001) if ok else (False, "connection refused", None)
 
-    w = Watcher(kernel, state_dir, probe=probe, monotonic=clock, wall=clock, conntrack="")
+    w = Watcher(kernel, state_dir, probe=probe, monotonic=clock, wall=clock)
     memory = {}
 
     async def rounds():
@@ -196,7 +196,7 @@ def test_a_prober_that_raises_is_a_failed_probe_not_a_dead_watcher(tmp_path, log
             raise RuntimeError("the target sent something no prober expects")
         return True, "", 0.001
 
-    w = Watcher(kernel, tmp_path / "state", probe=probe, monotonic=clock, wall=clock, conntrack="")
+    w = Watcher(kernel, tmp_path / "state", probe=probe, monotonic=clock, wall=clock)
     for _ in range(FALL):
         transitions = asyncio.run(w.step())
         clock.t += 1.0
@@ -224,7 +224,7 @@ def test_file_changed_in_the_middle_of_a_round(tmp_path, logs):
             swapped.append(True)
         return False, "connection refused", None
 
-    w = Watcher(kernel, state_dir, probe=probe, monotonic=clock, wall=clock, conntrack="")
+    w = Watcher(kernel, state_dir, probe=probe, monotonic=clock, wall=clock)
     for _ in range(FALL + 1):
         asyncio.run(w.step())
         clock.t += 1.0
@@ -239,7 +239,7 @@ def test_an_unreadable_state_file_is_logged_and_the_daemon_keeps_watching(tmp_pa
     state_dir = tmp_path / "state"
     ops.apply(tmp_path / "pools.yaml", kernel, state_dir)
     w = Watcher(kernel, state_dir, probe=lambda *a: asyncio.sleep(0, (True, "", 0.001)), monotonic=clock,
-                wall=clock, conntrack="")
+                wall=clock)
     good = (state_dir / state.APPLIED).read_bytes()
     (state_dir / state.APPLIED).write_text("{half a file")  # e.g. restored badly by an operator
     steps = []
