@@ -78,6 +78,12 @@ class Tool:
             gone += self._deleted(self._run(["-D", *base, "-s", src, "--sport", sport], what), what)
         return gone
 
+    def forget_replies_to(self, address: str) -> int:
+        """Delete the entries whose reply goes to `address` (a path source: probes only)."""
+        what = f"deleting conntrack entries of path probes from {address}"
+        family = "ipv6" if ":" in address else "ipv4"
+        return self._deleted(self._run(["-D", "-f", family, "--reply-dst", address], what), what)
+
     @staticmethod
     def _deleted(proc: subprocess.CompletedProcess, what: str) -> int:
         if proc.returncode == 1 and "0 flow entries" in proc.stderr:

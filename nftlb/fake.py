@@ -29,6 +29,10 @@ class FakeConntrack:
         self.deleted.append(flows)
         return 0
 
+    def forget_replies_to(self, address: str) -> int:
+        self.deleted.append(("replies to", address))
+        return 0
+
     def open_connections(self) -> dict | None:
         return None  # unknown, like a box without the tool
 

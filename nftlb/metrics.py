@@ -58,11 +58,16 @@ class StatusCollector:
                                    labels=labels)
         transitions = CounterMetricFamily("nftlb_backend_transitions", "Health state changes seen by the "
                                           "watcher", labels=[*labels, "to"])
+        reason = GaugeMetricFamily("nftlb_backend_down_reason", "1 for a backend the watcher has down, with "
+                                   "why its last probe failed (e.g. 'no reply by the client path')",
+                                   labels=[*labels, "reason"])
         for p in doc["pools"]:
             for b in p["backends"]:
                 key = [p["name"], b["backend"]]
                 h = b["health"]
                 up.add_metric(key, 0 if h is not None and not h["up"] else 1)
+                if h is not None and not h["up"]:
+                    reason.add_metric([*key, h["last_error"] or "unknown"], 1)
                 serving.add_metric(key, 1 if b["serving"] else 0)
                 conns.add_metric(key, b["connections"])
                 packets.add_metric(key, b["packets"])
@@ -72,7 +77,7 @@ class StatusCollector:
                 counts = doc["transitions"].get(f"{p['name']}|{b['backend']}", {})
                 for to in ("up", "down"):
                     transitions.add_metric([*key, to], counts.get(to, 0))
-        yield from (up, serving, conns, packets, bytes_, opened, transitions)
+        yield from (up, serving, conns, packets, bytes_, opened, transitions, reason)
         applies = CounterMetricFamily("nftlb_applies", "Successful applies and rollbacks")
         applies.add_metric([], doc["applies"])
         failures = CounterMetricFamily("nftlb_apply_failures", "Applies and rollbacks the kernel or the "

@@ -215,6 +215,21 @@ def _persistence(v: Any) -> Any:
 Persistence = Annotated[int | None, BeforeValidator(_persistence)]
 
 
+# Path probes come from these addresses unless `health: path_source` says otherwise: the
+# benchmarking ranges (RFC 2544, RFC 5180), which no real client has and no backend's subnet holds.
+PATH_SOURCES = (ipaddress.IPv4Address("198.18.0.1"), ipaddress.IPv6Address("2001:2::1"))
+
+
+def _path_sources(v: Any) -> Any:
+    """One address or a list of them, at most one per family."""
+    items = v if isinstance(v, list) else [v]
+    out = [_address(x, "path_source") for x in items]
+    versions = [a.version for a in out]
+    if not out or len(set(versions)) != len(versions):
+        raise ValueError("give one address, or a list of at most one IPv4 and one IPv6 address")
+    return tuple(sorted(out, key=lambda a: a.version))
+
+
 class HealthDefaults(_Model):
     """Top-level `health:`: how every backend is probed unless its pool says otherwise."""
 
@@ -222,6 +237,8 @@ class HealthDefaults(_Model):
     timeout: Duration = 1.0  # TCP connect timeout
     rise: StrictInt = Field(2, ge=1, le=100)  # consecutive successes before a down backend is up
     fall: StrictInt = Field(3, ge=1, le=100)  # consecutive failures before an up backend is down
+    path: StrictBool = False  # probe the way clients come in (dnat pools): see nftlb.health.path_probe
+    path_source: Annotated[tuple[IPAddress, ...], BeforeValidator(_path_sources)] = PATH_SOURCES
 
     @model_validator(mode="after")
     def _timeout_within_interval(self) -> "HealthDefaults":
@@ -238,6 +255,7 @@ class HealthOverride(_Model):
     rise: StrictInt | None = Field(None, ge=1, le=100)
     fall: StrictInt | None = Field(None, ge=1, le=100)
     port: StrictInt | None = Field(None, ge=1, le=65535)  # default: each backend's own port
+    path: StrictBool | None = None  # default: the top-level `health: path`
 
 
 @dataclass(frozen=True)
@@ -249,6 +267,7 @@ class Health:
     rise: int
     fall: int
     port: int | None
+    path: bool = False  # probes take the clients' path (from a path source, SNATed by the table)
 
 
 class Pool(_Model):
@@ -318,10 +337,17 @@ class Config(_Model):
             return None
         o = pool.health or HealthOverride()
         d = self.health
+        # masquerade backends answer the gateway's own address: the plain probe is their clients' path
+        path = (o.path if o.path is not None else d.path) and pool.mode == "dnat"
         return Health(
             interval=o.interval or d.interval, timeout=o.timeout or d.timeout,
-            rise=o.rise or d.rise, fall=o.fall or d.fall, port=o.port,
+            rise=o.rise or d.rise, fall=o.fall or d.fall, port=o.port, path=path,
         )
+
+    def path_sources(self) -> tuple[IPAddress, ...]:
+        """The path sources in use: of the families whose pools are probed by their clients' path."""
+        families = {p.vip.version for p in self.pools if (h := self.health_of(p)) is not None and h.path}
+        return tuple(a for a in self.health.path_source if a.version in families)
 
     @field_validator("table", mode="before")
     @classmethod
@@ -743,6 +769,16 @@ def _validate(data: dict, tree) -> tuple[Config | None, list[Problem]]:
                 loc = ("pools", i, "health")
                 problems.append(Problem(file, tree.line(loc), _field(loc),
                                         f"timeout ({h.timeout:g}s) must not exceed interval ({h.interval:g}s)"))
+            if isinstance(pool.health, HealthOverride) and pool.health.path and pool.mode != "dnat":
+                loc = ("pools", i, "health", "path")
+                problems.append(Problem(file, tree.line(loc), _field(loc),
+                                        "path probes are for mode: dnat (masquerade backends answer the "
+                                        "gateway's own address, which the plain probe already uses)"))
+            elif h is not None and h.path and pool.vip.version not in {a.version for a in config.health.path_source}:
+                loc = ("health", "path_source")
+                problems.append(Problem(file, tree.line(loc), _field(loc),
+                                        f"pool {pool.name} is probed by its clients' path and needs an "
+                                        f"IPv{pool.vip.version} path_source"))
             if pool.persistence and pool.vip.version == 6:
                 loc = ("pools", i, "persistence")
                 problems.append(Problem(file, tree.line(loc), _field(loc),
@@ -752,6 +788,12 @@ def _validate(data: dict, tree) -> tuple[Config | None, list[Problem]]:
                 loc = ("pools", i, "table_size")
                 problems.append(Problem(file, tree.line(loc), _field(loc),
                                         f"{pool.table_size} slots cannot hold {len(pool.backends)} backends"))
+        taken = {p.vip for p in config.pools} | {b.address for p in config.pools for b in p.backends}
+        for a in config.health.path_source:
+            if a in taken:
+                loc = ("health", "path_source")
+                problems.append(Problem(file, tree.line(loc), _field(loc), f"{a} is a VIP or a backend here; a "
+                                        "path source must be an address no client, VIP or backend has"))
     return config, problems
 
 

@@ -14,6 +14,10 @@ from nftlb import maglev
 from nftlb.model import Config, IPAddress, Pool
 
 KINDS = {"hash": "hash", "source-hash": "srchash", "random": "random", "round-robin": "rr"}
+# The socket mark of path probes (nftlb.health.path_probe): the table's postrouting chain SNATs
+# connections that carry it to the path source, so that the backend's answer must come back the
+# way it answers clients. A fixed value: an operator's fwmark rules must not match it (doctor checks).
+PATH_PROBE_MARK = 0x6E6C6270  # "nlbp"
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +118,7 @@ class Plan:
     table: str
     seed: int
     pools: tuple[PoolPlan, ...]
+    path_sources: tuple[IPAddress, ...] = ()  # where path probes come from (one per family in use)
 
     def pool(self, name: str) -> PoolPlan | None:
         return next((p for p in self.pools if p.name == name), None)
@@ -158,7 +163,7 @@ def build(config: Config, status: Status = Status()) -> Plan:
                 _MEMO.clear()
             hit = _MEMO[key] = _pool(p, status)
         pools.append(hit)
-    return Plan(table=config.table, seed=config.seed, pools=tuple(pools))
+    return Plan(table=config.table, seed=config.seed, pools=tuple(pools), path_sources=config.path_sources())
 
 
 _MEMO: dict[tuple, "PoolPlan"] = {}

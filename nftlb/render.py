@@ -21,7 +21,7 @@ import jinja2
 
 from nftlb.errors import UsageError
 from nftlb.model import NFT_KEYWORDS, POOL_NAME, TABLE_NAME
-from nftlb.plan import KINDS, Endpoint, Plan, PoolPlan
+from nftlb.plan import KINDS, PATH_PROBE_MARK, Endpoint, Plan, PoolPlan
 
 _IDENT = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _TABLE, _POOL = TABLE_NAME, POOL_NAME  # the validator's own patterns, checked again here
@@ -98,6 +98,15 @@ def num(value: object) -> str:
 _ADDRESS_TYPES = {4: ipaddress.IPv4Address, 6: ipaddress.IPv6Address}
 
 
+def address(value: object) -> str:
+    """An address the plan holds: an ipaddress object (never a str), without a zone index."""
+    version = getattr(value, "version", None)
+    if version not in _ADDRESS_TYPES:
+        raise RenderError(f"refusing to render {_show(value)} as an address")
+    _check_address(value, version, "an address")
+    return str(value)
+
+
 def _check_address(addr: object, version: int, what: str) -> None:
     """An ipaddress object of the family (str() of one is plain), without a zone index ("%eth0")."""
     if type(addr) is not _ADDRESS_TYPES[version] or (version == 6 and addr.scope_id is not None):
@@ -152,6 +161,10 @@ def check_plan(plan: Plan) -> None:
     num(plan.seed)
     for p in plan.pools:
         check_pool(p)
+    if type(plan.path_sources) is not tuple or len({a.version for a in plan.path_sources}) != len(plan.path_sources):
+        raise RenderError(f"refusing to render {_show(plan.path_sources)} as path sources")
+    for addr in plan.path_sources:
+        address(addr)
 
 
 def check_elements(name: object, items: object, *, shape: bool = True) -> None:
@@ -246,6 +259,7 @@ def environment(directory: str | None = None) -> jinja2.Environment:
     env.filters["table_name"] = table_name
     env.filters["token"] = token
     env.filters["num"] = num
+    env.filters["address"] = address
     env.filters["q"] = systemd_quote
     env.filters["q_path"] = systemd_path
     env.filters["unit_text"] = systemd_text
@@ -253,6 +267,7 @@ def environment(directory: str | None = None) -> jinja2.Environment:
     env.filters["timespan"] = systemd_timespan
     env.tests["plain_directory"] = systemd_directory
     env.globals["raise"] = _raise
+    env.globals["path_mark"] = PATH_PROBE_MARK
     return env
 
 
@@ -294,4 +309,6 @@ def update(table: str, seed: int, changes) -> str:
             raise RenderError(f"refusing to render {_show((f, proto, secs))} as a persistence map")
     if changes.remember is not None:
         check_plan(changes.remember)
+    if changes.path_probes is not None:
+        check_plan(changes.path_probes)
     return environment().get_template("update.nft.j2").render(table=table, seed=seed, changes=changes)

@@ -74,6 +74,8 @@ def collect(nft: Backend, state_dir: Path, *, conntrack: str | None = None, now:
     checked = [r.get("checked") for r in records.values() if r.get("checked")]
     pools = []
     for p, cp in zip(plan.pools, config.pools):
+        h = config.health_of(cp)
+        probe = None if h is None else "path" if h.path else "tcp"  # how the watcher probes them
         by_backend = {planlib.Endpoint(b.address, b.port): b for b in cp.backends}
         rows = []
         for b in p.backends:
@@ -98,6 +100,7 @@ def collect(nft: Backend, state_dir: Path, *, conntrack: str | None = None, now:
         pools.append({"name": p.name, "vip": str(p.vip), "port": p.port, "protocol": p.protocol,
                       "service": p.service, "scheduler": p.scheduler, "mode": p.mode,
                       "state": "serving" if p.slots else "refusing", "fallback": p.fallback or None,
+                      "probe": probe,
                       "backends": rows})
     return {
         "table": applied.table, "live": live, "source": applied.source, "applied_at": applied.applied_at,
@@ -148,7 +151,8 @@ def text(doc: dict) -> str:
     for p in doc["pools"]:
         lines.append("")
         lines.append(f"pool {p['name']}  {p['service']}  {p['scheduler']}  {p['mode']}  {p['state']}"
-                     + (f" (fallback: {p['fallback']})" if p["fallback"] else ""))
+                     + (f" (fallback: {p['fallback']})" if p["fallback"] else "")
+                     + ("  probed by the clients' path" if p["probe"] == "path" else ""))
         cells = [(b["backend"], b["configured"] + ("*" if b["drained_by_operator"] else ""),
                   "yes" if b["serving"] else "no", _health(b["health"], now), str(b["connections"]),
                   _size(b["bytes"]), "-" if b["open"] is None else str(b["open"])) for b in p["backends"]]

@@ -25,11 +25,13 @@ class Changes:
     add_sticky: list[tuple[str, str, int]] = field(default_factory=list)  # (fam, protocol, seconds)
     add_chains: list[tuple[str, PoolPlan]] = field(default_factory=list)  # (chain, a pool it picks for)
     remember: Plan | None = None  # the plan whose persistence rules fill chain `remember`
+    path_probes: Plan | None = None  # the plan whose path sources fill chain `path_probes`
     add_elements: list[tuple[str, list[str]]] = field(default_factory=list)  # (set or map, elements)
 
     def __bool__(self) -> bool:
         return any((self.delete_elements, self.flush_chains, self.delete_chains, self.delete_maps,
-                    self.delete_sets, self.add_sticky, self.add_chains, self.remember, self.add_elements))
+                    self.delete_sets, self.add_sticky, self.add_chains, self.remember, self.add_elements,
+                    self.path_probes))
 
 
 def _chains(plan: Plan) -> dict[str, PoolPlan]:
@@ -74,6 +76,10 @@ def changes(old: Plan, new: Plan) -> Changes:
             c.flush_chains.append(name)
             c.add_chains.append((name, q))
     c.add_chains += [(name, q) for name, q in new_chains.items() if name not in old_chains]
+
+    if old.path_sources != new.path_sources:
+        c.flush_chains.append("path_probes")
+        c.path_probes = new
 
     old_sticky, new_sticky = set(old.sticky()), set(new.sticky())
     if old_sticky != new_sticky:

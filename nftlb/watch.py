@@ -26,10 +26,13 @@ SAVE_EVERY = 10.0  # seconds between health.json writes when only probe times ch
 
 class Watcher:
     def __init__(self, nft: Backend, state_dir: Path, *, probe: health.Probe = health.tcp_probe,
+                 path_probe: health.Probe | None = None,
                  concurrency: int = 256, monotonic: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
                  observe: Callable[[bool, float], None] | None = None):
         self.nft, self.state_dir, self.probe = nft, Path(state_dir), probe
+        # `health: path` backends: by the clients' path, and when that fails, `probe` says why
+        self.path_probe = path_probe or health.by_path(health.path_probe, probe)
         self.observe = observe  # (ok, seconds) of every probe: the metrics' histogram
         self.concurrency, self.monotonic, self.wall = concurrency, monotonic, wall
         doc = state.read_doc(self.state_dir, state.HEALTH) or {}
@@ -85,7 +88,7 @@ class Watcher:
             async with gate:
                 started = time.monotonic()
                 try:
-                    result = await self.probe(t.address, t.port, t.health.timeout)
+                    result = await (self.path_probe if t.path else self.probe)(t.address, t.port, t.health.timeout)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # noqa: BLE001 - whatever a target does, it is a failed probe
@@ -184,6 +187,15 @@ class Watcher:
                 log.warning("pool %s: no primary up; serving from backups %s", name,
                             ", ".join(b.display for b in p.active))
 
+    def close(self) -> None:
+        """On the way out: the gateway's conntrack entries of path probes go (they would time out
+        within seconds anyway: probes end with a reset)."""
+        for address in self.config.path_sources() if self.config is not None else ():
+            try:
+                self.nft.conntrack.forget_replies_to(str(address))
+            except NftlbError as e:
+                log.error("cannot delete the path probes' conntrack entries: %s", e)
+
     # -- loops --------------------------------------------------------------
 
     async def step(self) -> list[health.Transition]:
@@ -262,7 +274,10 @@ def serve(file: Path, nft: Backend, state_dir: Path, *, metrics_at: str | None =
             loop.add_signal_handler(signal.SIGHUP, hup.set)
             await watcher.run(stop, reload, hup)
 
-        asyncio.run(main())
+        try:
+            asyncio.run(main())
+        finally:
+            watcher.close()
         log.info("nftlb watch stopped")
         return 0
     finally:
@@ -276,6 +291,10 @@ def once(file: Path, nft: Backend, state_dir: Path, **kw) -> bool:
     fd = state.watch_lock(Path(state_dir), once=True)  # waits for another --once round to end
     try:
         ops.apply(file, nft, state_dir)
-        return Watcher(nft, state_dir, **kw).once()
+        watcher = Watcher(nft, state_dir, **kw)
+        try:
+            return watcher.once()
+        finally:
+            watcher.close()
     finally:
         os.close(fd)

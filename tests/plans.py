@@ -6,7 +6,11 @@ from nftlb import model, plan
 
 
 def random_config(rng: random.Random, max_pools: int = 6) -> str:
-    lines = ["seed: 0x5eed", "pools:"]
+    lines = ["seed: 0x5eed"]
+    if rng.random() < 0.4:  # path probes: the table's SNAT rules for them come and go
+        source = rng.choice(['[203.0.113.250, "2001:db8:ffff::250"]', '[203.0.113.251, "2001:db8:ffff::251"]'])
+        lines.append(f"health: {{path: true, path_source: {source}}}")
+    lines.append("pools:")
     names = rng.sample(["web", "api", "dns", "mail", "db", "cache", "ssh", "ntp"], rng.randint(0, max_pools))
     for i, name in enumerate(names):
         v6 = rng.random() < 0.3

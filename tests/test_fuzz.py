@@ -917,7 +917,7 @@ def test_systemd_analyze_accepts_units_with_odd_paths(tmp_path):
 
 def test_every_string_in_the_templates_passes_a_filter():
     """Each {{ ... }} in an nft template names a loop variable of the template itself, or passes
-    an allow-list filter (ident, table_name, token, num), or is a list of elements that
+    an allow-list filter (ident, table_name, token, num, address), or is a list of elements that
     render.check_elements() has matched: nothing reaches nft unchecked."""
     loop_vars = {"family", "addr_type", "n", "f", "proto", "what", "nfproto", "hook", "priority"}
     for path in sorted((ROOT / "templates").glob("*.nft.j2")):
@@ -927,7 +927,7 @@ def test_every_string_in_the_templates_passes_a_filter():
                 continue
             if re.fullmatch(r"[a-z_]+\(.*\)", expr):  # a macro call: its own output is checked inside
                 continue
-            if "|" in expr and re.search(r"\| *(ident|table_name|token|num)\b", expr):
+            if "|" in expr and re.search(r"\| *(ident|table_name|token|num|address)\b", expr):
                 continue
             if re.match(r"(items|keys) \| join", expr) or expr.startswith('"ip" if f == "4"') or \
                     expr.startswith("raise(") or expr.startswith('"0x%x" % (seed | num'):

@@ -392,3 +392,58 @@ def test_whitespace_only_file_is_empty(write):
 def test_odd_keys_cannot_fake_report_lines(write):
     found, _ = problems(write, '"a\\nb.yaml:1: pools: ok": 1\npools: []\n')
     assert found == [(1, "'a\\nb.yaml:1: pools: ok'", "unknown key")]
+
+
+def test_path_probes_settings(write):
+    c = model.load(write("""
+        health: {path: true}
+        pools:
+          - {name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}
+          - {name: m, vip: 198.51.100.2, port: 80, mode: masquerade, backends: [10.0.0.1]}
+          - {name: p, vip: 198.51.100.3, port: 80, health: {path: false}, backends: [10.0.0.1]}
+        """))
+    a, m, p = (c.health_of(x) for x in c.pools)
+    assert (a.path, m.path, p.path) == (True, False, False)  # masquerade backends answer the gateway itself
+    assert c.health.path_source == model.PATH_SOURCES and c.path_sources() == (model.PATH_SOURCES[0],)
+    c = model.load(write("""
+        health: {path_source: "2001:db8:ffff::1"}
+        pools:
+          - {name: a, vip: "2001:db8::1", port: 80, health: {path: true}, backends: ["fd00::1"]}
+          - {name: b, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}
+        """))
+    assert [str(x) for x in c.path_sources()] == ["2001:db8:ffff::1"]
+    assert model.load(write("pools: [{name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}]\n")
+                      ).path_sources() == ()  # nobody asks: no SNAT rule, nothing marked
+
+
+def test_bad_path_probe_settings(write):
+    found, _ = problems(write, """
+        health:
+          path_source: [203.0.113.1, 203.0.113.2]
+        pools:
+          - {name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}
+        """)
+    assert found == [(2, "health.path_source", "give one address, or a list of at most one IPv4 and one IPv6 address")]
+    found, _ = problems(write, """
+        health:
+          path: true
+          path_source: 10.0.0.1
+        pools:
+          - name: a
+            vip: "2001:db8::1"
+            port: 80
+            backends: ["fd00::1"]
+          - name: m
+            vip: 198.51.100.2
+            port: 80
+            mode: masquerade
+            health: {path: true}
+            backends: [10.0.0.1]
+        """)
+    assert found == [
+        (3, "health.path_source", "pool a is probed by its clients' path and needs an IPv6 path_source"),
+        (3, "health.path_source", "10.0.0.1 is a VIP or a backend here; a path source must be an address no "
+                                  "client, VIP or backend has"),
+        (13, "pools[1].health.path", "path probes are for mode: dnat (masquerade backends answer the gateway's "
+                                     "own address, which the plain probe already uses)"),
+    ]

@@ -39,7 +39,7 @@ def test_dispatch_and_objects_do_not_grow_with_the_pool_count():
     text = rendered("pools:\n" + pools)
     assert text.count("vmap @services4") == 2  # prerouting and output, not one rule per pool
     assert len(re.findall(r"198\.51\.100\.\d+ \. tcp \. 80 comment \"p\d+\" : goto hash4_tcp_53", text)) == 59
-    assert text.count("\tchain ") == 15 and text.count("\tmap ") == 10  # the same for 1 pool or 10,000
+    assert text.count("\tchain ") == 16 and text.count("\tmap ") == 10  # the same for 1 pool or 10,000
     assert len(re.findall(r"198\.51\.100\.\d+ \. 80 \. \d+ : 10\.0\.0\.[12] \. 80", text)) == 59 * 53
 
 

@@ -39,7 +39,7 @@ pools:
 """
 
 
-VIPS = {"web": ("198.51.100.10", 80, "tcp"), "dns": ("198.51.100.53", 53, "udp"),
+VIPS = {"web": ("198.51.100.10", 80, "tcp"), "dns": ("198.51.100.53", 53, "udp"), "plain": ("198.51.100.11", 80, "tcp"),
         "last": ("198.51.100.20", 80, "tcp")}
 
 
@@ -239,3 +239,47 @@ def test_flapping_backend_costs_one_transaction_per_real_change(tmp_path, rounds
             world.dead.symmetric_difference_update({("10.0.0.12", 8080)})
         changes += len([t for t in world.rounds(w, 1) if t.target.pool == "web"])
     assert changes > 0 and w.transactions == changes
+
+
+PATHS = """
+health: {interval: 1s, timeout: 500ms, rise: 2, fall: 3, path: true, path_source: 203.0.113.250}
+pools:
+  - name: web
+    vip: 198.51.100.10
+    port: 80
+    backends: [10.0.0.11:8080, 10.0.0.12:8080, 10.0.0.13:8080]
+  - name: plain
+    vip: 198.51.100.11
+    port: 80
+    mode: masquerade
+    backends: [10.0.0.13:8080]
+"""
+
+
+def test_path_probes_take_out_a_backend_clients_cannot_reach(tmp_path):
+    world = World(tmp_path, PATHS)
+    no_path, by_path = {("10.0.0.13", 8080)}, []
+
+    async def path(address, port, timeout):
+        by_path.append((address, port))
+        if (address, port) in no_path | world.dead:
+            return False, f"no answer within {timeout:g}s", None
+        return True, "", 0.001
+
+    w = Watcher(world.kernel, world.state_dir, probe=world.probe, path_probe=health.by_path(path, world.probe),
+                monotonic=world.clock, wall=world.clock)
+    transitions = world.rounds(w, 3)
+    assert [str(t) for t in transitions] == [
+        "pool web backend 10.0.0.13:8080 down after 3 failures: no reply by the client path"]
+    assert world.slots("web") == ["10.0.0.11 . 8080", "10.0.0.12 . 8080"]
+    assert world.slots("plain") == ["10.0.0.13 . 8080"]  # masquerade: plain probes, and it answers those
+    assert by_path.count(("10.0.0.13", 8080)) == 3 and by_path.count(("10.0.0.11", 8080)) == 3
+    # the direct probe only runs for the backend whose path probe failed (and the plain pool)
+    assert world.probed.count(("10.0.0.13", 8080)) == 6 and ("10.0.0.11", 8080) not in world.probed
+    doc = state.read_doc(world.state_dir, state.HEALTH)
+    assert doc["backends"]["web|10.0.0.13:8080"]["error"] == health.NO_CLIENT_PATH
+    world.dead.add(("10.0.0.12", 8080))  # dead for both: the direct probe's reason wins
+    assert [str(t) for t in world.rounds(w, 3)] == [
+        "pool web backend 10.0.0.12:8080 down after 3 failures: connection refused"]
+    w.close()
+    assert ("replies to", "203.0.113.250") in world.kernel.conntrack.deleted  # the probes' conntrack entries
