@@ -37,6 +37,7 @@ bench: install
 	$(PY) bench/hashing.py
 	$(PY) bench/controlplane.py --pools 10000 --rounds 3
 	$(PY) bench/dataplane.py --seconds 5 --rounds 3 --pools 10000
+	$(PY) bench/probes.py --backends 200 --rounds 15
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

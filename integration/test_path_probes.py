@@ -115,3 +115,17 @@ def test_path_probes_run_as_the_cli_would(lab, tmp_path):
     health = json.loads((gw.state / "health.json").read_text())["data"]
     assert health["backends"]["web|10.0.0.13:8080"]["error"] == "no reply by the client path"
     assert lab.exec(lab.gw, "conntrack", "-L", "--reply-dst", SOURCE, check=False).stdout == ""
+
+
+def test_doctor_checks_the_path_source_and_the_mark(lab_factory):
+    from integration.test_doctor import doctor
+
+    lab = lab_factory(backends=1)
+    out = doctor(lab, FILE)
+    assert out["by_name"][f"path_source {SOURCE}"]["verdict"] == "ok", out["text"]
+    assert out["by_name"]["path_mark"]["verdict"] == "ok", out["text"]
+    lab.exec(lab.gw, "ip", "rule", "add", "fwmark", "0x70/0xff", "table", "100")  # catches 0x6e6c6270
+    lab.exec(lab.gw, "ip", "route", "add", "203.0.113.0/24", "dev", "br0")  # the source on the backends' link
+    out = doctor(lab, FILE)
+    assert out["by_name"]["path_mark"]["verdict"] == "warn", out["text"]
+    assert out["by_name"][f"path_source {SOURCE}"]["verdict"] == "warn", out["text"]

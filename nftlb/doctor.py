@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from nftlb import backend, model
+from nftlb import backend, model, plan as planlib
 from nftlb.errors import KernelError
 
 PROBE_TABLE = "nftlb_doctor"
@@ -206,16 +206,33 @@ def _conntrack(proc: Path, pools: list[model.Pool] | None) -> Check:
     return Check("conntrack", "ok", used)
 
 
-def _route(vip: Address) -> dict | None:
-    """The kernel's route to vip (`ip -j route get`), {} when there is none, None when unknown."""
+def _ip(*argv: str) -> tuple[int, list] | None:
+    """`ip -j ARGV`: (exit status, parsed output), None when unknown (no ip tool, no answer)."""
     ip = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if Path(p).exists()), None)
     if not ip:
         return None
     try:
-        out = subprocess.run([ip, "-j", "route", "get", str(vip)], capture_output=True, text=True, timeout=10)
-        return (json.loads(out.stdout or "[]") or [{}])[0] if out.returncode == 0 else {}
+        out = subprocess.run([ip, "-j", *argv], capture_output=True, text=True, timeout=10)
+        return out.returncode, json.loads(out.stdout or "[]")
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return None
+
+
+def _route(vip: Address) -> dict | None:
+    """The kernel's route to vip (`ip -j route get`), {} when there is none, None when unknown."""
+    got = _ip("route", "get", str(vip))
+    if got is None:
+        return None
+    return (got[1] or [{}])[0] if got[0] == 0 else {}
+
+
+def _rules() -> list[dict]:
+    """Policy routing rules, IPv4 and IPv6 (`ip -j rule show`)."""
+    out = []
+    for family in ("-4", "-6"):
+        got = _ip(family, "rule", "show")
+        out += got[1] if got is not None and got[0] == 0 else []
+    return out
 
 
 def _vip(vip: Address, local: dict[Address, str]) -> tuple[Check, str]:
@@ -261,6 +278,37 @@ def _refusal(vip: Address, where: str, protocols: set[str], proc: Path) -> Check
            "unknown": "refused alike if it has a route to the VIP"}[where]
     return Check(f"refusal {vip}", "ok", f"a pool without a usable backend answers clients at once, before "
                                          f"routing: {' and '.join(answers)}; this box's own connections: {own}")
+
+
+def _path_probes(config: model.Config, local: dict[Address, str]) -> list[Check]:
+    """Path probes leave from each path source: it must not be on a link of this box (backends
+    there would look for it on the link, not route it back through the gateway), and no policy
+    routing rule may catch the probes' socket mark."""
+    out = []
+    for source in config.path_sources():
+        name = f"path_source {source}"
+        route = _route(source)
+        if source in local or (route or {}).get("type") == "local":
+            out.append(Check(name, "fail", f"{source} is an address of this box (dev {local.get(source) or route.get('dev')}): "
+                                           "a backend answers it like the gateway itself; choose one no host has"))
+        elif route and not route.get("gateway") and route.get("dev"):
+            out.append(Check(name, "warn", f"{source} is on the link of dev {route['dev']}: backends there would "
+                                           "look for it on the link instead of routing it back through this box"))
+        else:
+            out.append(Check(name, "ok", "off every link of this box: a backend answers it by its route back, "
+                                         "as it answers clients"))
+    if out:
+        caught = []
+        for rule in _rules():
+            if "fwmark" in rule:
+                mark, mask = int(rule["fwmark"], 0), int(rule.get("fwmask", "0xffffffff"), 0)
+                if planlib.PATH_PROBE_MARK & mask == mark:
+                    caught.append(f"{rule['fwmark']}/{rule.get('fwmask', '0xffffffff')} -> table {rule.get('table')}")
+        mark = f"{planlib.PATH_PROBE_MARK:#x}"
+        out.append(Check("path_mark", "warn", f"policy routing rules catch the path probes' mark {mark}: "
+                                              f"{_examples(caught)}") if caught else
+                   Check("path_mark", "ok", f"no policy routing rule catches the path probes' mark {mark}"))
+    return out
 
 
 def _endpoint(ip: str, port: int) -> str:
@@ -313,6 +361,7 @@ def run(config: model.Config | None, nft: backend.Backend | None, *, proc: Path 
             if where == "local":
                 local_vips.add(vip)
         checks += _listeners(pools, local_vips)
+        checks += _path_probes(config, local)
     return checks
 
 

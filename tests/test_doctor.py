@@ -78,7 +78,9 @@ def box(monkeypatch):
         "conns": [],
         "names": {},
         "routes": {},  # vip text -> route dict; missing: {"dev": "eth0", "gateway": "203.0.113.1"}
+        "rules": [],  # policy routing rules, as `ip -j rule show` gives them
     }
+    monkeypatch.setattr(doctor, "_rules", lambda: list(state["rules"]))
     monkeypatch.setattr(doctor, "_nft_version", lambda: "nftables v1.0.6 (Lester Gooch #5)")
     monkeypatch.setattr(doctor, "_bindings", lambda: "0.1")
     routed = {"dev": "eth0", "gateway": "203.0.113.1"}
@@ -371,3 +373,26 @@ def test_verdict_line_and_exit_code():
     assert doctor.text(warn).splitlines()[-1] == "doctor: works, with warnings (0 fail, 1 warn, 2 ok)"
     assert doctor.text(ok).splitlines()[0] == "ok    a  fine"
     assert doctor.Check("x", "warn", "d").as_dict() == {"name": "x", "verdict": "warn", "detail": "d"}
+
+
+PATHS = config(pool("web"), pool("six", vip="2001:db8::10", backends="['[fd00:b::11]:8080']")).model_copy(
+    update={"health": model.HealthDefaults(path=True)})
+
+
+def test_path_sources_off_every_link_and_the_mark_uncaught(box, tmp_path):
+    checks = by_name(doctor.run(PATHS, Stub(), proc=fake_proc(tmp_path)))
+    assert checks["path_source 198.18.0.1"].verdict == checks["path_source 2001:2::1"].verdict == "ok"
+    assert checks["path_mark"].verdict == "ok" and "0x6e6c6270" in checks["path_mark"].detail
+    assert "path_mark" not in by_name(doctor.run(WEB, Stub(), proc=fake_proc(tmp_path)))  # no path probes
+
+
+def test_path_source_on_a_link_or_local_and_a_catching_rule(box, tmp_path):
+    box["routes"]["198.18.0.1"] = {"dev": "br0"}  # on-link: backends would ARP for it
+    box["addrs"]["lo"].append("2001:2::1")
+    box["rules"] = [{"priority": 100, "fwmark": "0x70", "fwmask": "0xff", "table": "7"},
+                    {"priority": 101, "fwmark": "0x1", "table": "8"}]
+    checks = by_name(doctor.run(PATHS, Stub(), proc=fake_proc(tmp_path)))
+    assert checks["path_source 198.18.0.1"].verdict == "warn" and "on the link of dev br0" in \
+        checks["path_source 198.18.0.1"].detail
+    assert checks["path_source 2001:2::1"].verdict == "fail"
+    assert checks["path_mark"].verdict == "warn" and checks["path_mark"].detail.endswith("0x70/0xff -> table 7")
