@@ -73,8 +73,11 @@ def _fd2_filtered(errors: list[str]):
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
-            errors += [line for line in sink.read().decode(errors="replace").splitlines()
-                       if line.strip() and not any(n in line for n in _NOISE)]
+            errors += [
+                line
+                for line in sink.read().decode(errors="replace").splitlines()
+                if line.strip() and not any(n in line for n in _NOISE)
+            ]
 
 
 def _nftables_request(msg_type: int, flags: int, family: int, attrs: bytes, what: str) -> tuple[int, bytes]:
@@ -199,8 +202,10 @@ class NftBinary(_Conntrack):
     has_table = staticmethod(kernel_has_table)
 
     def __init__(self, path: str | None = None):
-        self.path = path or shutil.which("nft") or next(
-            (p for p in ("/usr/sbin/nft", "/sbin/nft") if os.access(p, os.X_OK)), None
+        self.path = (
+            path
+            or shutil.which("nft")
+            or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.access(p, os.X_OK)), None)
         )
         if not self.path:
             raise KernelError("the nft binary was not found on PATH; install the Debian package nftables")

@@ -10,14 +10,17 @@ import json
 import logging
 import os
 import sys
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from nftlb import __version__, backend as backends, model, ops, plan as planlib, state, units, watch as watcher
+from nftlb import __version__, model, ops, state, units
+from nftlb import backend as backends
+from nftlb import plan as planlib
+from nftlb import watch as watcher
 from nftlb.errors import EXIT_DIFFERENT, EXIT_SYSTEM, ConfigError, NftlbError, UsageError
 
 app = typer.Typer(
@@ -34,12 +37,12 @@ class _Opts:
     json = False
 
 
-class LogFormat(str, Enum):
+class LogFormat(StrEnum):
     text = "text"
     json = "json"
 
 
-class BackendName(str, Enum):
+class BackendName(StrEnum):
     libnftables = "libnftables"
     nft = "nft"
 
@@ -47,7 +50,7 @@ class BackendName(str, Enum):
 FileArg = Annotated[Path, typer.Argument(help="The pools file (YAML).", metavar="FILE")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 BackendOpt = Annotated[
-    Optional[BackendName],
+    BackendName | None,
     typer.Option("--backend", help="How to reach the kernel [default: libnftables if importable, else nft]."),
 ]
 StateDirOpt = Annotated[
@@ -70,8 +73,12 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log debug detail too.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Log warnings and errors only.")] = False,
-    log_format: Annotated[LogFormat, typer.Option("--log-format", help="Log lines on stderr: text "
-                                                  "(journald-friendly) or json (one object per line).")] = LogFormat.text,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format", help="Log lines on stderr: text (journald-friendly) or json (one object per line)."
+        ),
+    ] = LogFormat.text,
 ) -> None:
     """A Layer-4 load balancer made of the kernel's own nftables.
 
@@ -106,7 +113,7 @@ def _drift(d) -> str:
     return f"drift: {d.drift}\n" if "\n" not in d.drift else f"drift (changed outside nftlb):\n{d.drift}"
 
 
-def _kernel(name: Optional[BackendName]) -> backends.Backend:
+def _kernel(name: BackendName | None) -> backends.Backend:
     return backends.make(name.value if name else None)
 
 
@@ -121,8 +128,11 @@ def validate(file: FileArg, as_json: JsonOpt = False) -> None:
     _Opts.json = as_json
     config = model.load(file)
     s = ops.summary(planlib.build(config))
-    _out(as_json, {"ok": True, "file": str(file), **s},
-         f"{file}: ok ({s['pools']} pools, {s['backends']} backends, table inet {s['table']})")
+    _out(
+        as_json,
+        {"ok": True, "file": str(file), **s},
+        f"{file}: ok ({s['pools']} pools, {s['backends']} backends, table inet {s['table']})",
+    )
 
 
 @app.command("render")
@@ -154,7 +164,9 @@ def diff(
     _Opts.json = as_json
     ops.check(file)  # a bad file is exit 2 even where the kernel cannot be reached
     want, d = ops.compare(file, _kernel(backend), state_dir)
-    text = _drift(d) + (d.changes or ("" if not d.in_sync else f"table inet {want.plan.table} is in sync with {file}\n"))
+    text = _drift(d) + (
+        d.changes or ("" if not d.in_sync else f"table inet {want.plan.table} is in sync with {file}\n")
+    )
     _out(as_json, {"table": want.plan.table, **d.as_dict()}, text)
     if not d.in_sync:
         raise typer.Exit(EXIT_DIFFERENT)
@@ -184,14 +196,22 @@ def apply(
     if r.action == "in-sync":
         text = f"table inet {s['table']} is in sync with {file}: nothing to do\n"
     elif r.action == "dry-run":
-        text = (_drift(r.diff) + r.diff.changes
-                + f"dry run: the kernel accepts this change to table inet {s['table']}; nothing was changed\n")
+        text = (
+            _drift(r.diff)
+            + r.diff.changes
+            + f"dry run: the kernel accepts this change to table inet {s['table']}; nothing was changed\n"
+        )
     else:
-        text = (f"applied table inet {s['table']}: {s['pools']} pools ({s['ipv4']} IPv4, {s['ipv6']} IPv6; "
-                f"{s['tcp']} tcp, {s['udp']} udp), {s['backends']} backends ({s['draining']} draining) "
-                f"in {r.seconds:.2f} s\n")
-    changes = [f"{k} {_names(v)}" for k, v in
-               (("added", r.pools_added), ("removed", r.pools_removed), ("changed", r.pools_changed)) if v]
+        text = (
+            f"applied table inet {s['table']}: {s['pools']} pools ({s['ipv4']} IPv4, {s['ipv6']} IPv6; "
+            f"{s['tcp']} tcp, {s['udp']} udp), {s['backends']} backends ({s['draining']} draining) "
+            f"in {r.seconds:.2f} s\n"
+        )
+    changes = [
+        f"{k} {_names(v)}"
+        for k, v in (("added", r.pools_added), ("removed", r.pools_removed), ("changed", r.pools_changed))
+        if v
+    ]
     if changes and r.action != "in-sync":
         text += "pools " + "; ".join(changes) + "\n"
     if s["refusing"]:
@@ -202,7 +222,7 @@ def apply(
 @app.command()
 def remove(
     table: Annotated[
-        Optional[str], typer.Option("--table", help="Table to delete [default: the one nftlb last applied].")
+        str | None, typer.Option("--table", help="Table to delete [default: the one nftlb last applied].")
     ] = None,
     backend: BackendOpt = None,
     state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
@@ -216,8 +236,11 @@ def remove(
     """
     _Opts.json = as_json
     removed = ops.remove(_kernel(backend), state_dir, table)
-    _out(as_json, {"removed": removed},
-         f"deleted table inet {removed}\n" if removed else "no nftlb table present: nothing to do\n")
+    _out(
+        as_json,
+        {"removed": removed},
+        f"deleted table inet {removed}\n" if removed else "no nftlb table present: nothing to do\n",
+    )
 
 
 @app.command()
@@ -226,10 +249,15 @@ def watch(
     once: Annotated[bool, typer.Option("--once", help="One probe round, for cron or a systemd timer.")] = False,
     backend: BackendOpt = None,
     state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=10000,
-                                             help="Probes in flight at once.")] = 256,
-    metrics_at: Annotated[Optional[str], typer.Option(
-        "--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics there (PORT alone: on 127.0.0.1).")] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, max=10000, help="Probes in flight at once.")
+    ] = 256,
+    metrics_at: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics there (PORT alone: on 127.0.0.1)."
+        ),
+    ] = None,
 ) -> None:
     """Probe every backend over TCP; take dead ones out and bring them back, one small
     transaction per change. Applies FILE first; SIGHUP re-applies it; SIGTERM stops.
@@ -248,30 +276,46 @@ def watch(
         return
     if metrics_at is not None:
         from nftlb import metrics
+
         metrics.listen_address(metrics_at)  # a bad address is a usage error before anything starts
     raise typer.Exit(watcher.serve(file, nft, state_dir, concurrency=concurrency, metrics_at=metrics_at))
 
 
 PoolArg = Annotated[str, typer.Argument(help="Pool name.", metavar="POOL")]
-BackendArg = Annotated[str, typer.Argument(help="Backend: ADDR:PORT, [V6]:PORT, or ADDR if unique in the pool.",
-                                           metavar="BACKEND")]
+BackendArg = Annotated[
+    str, typer.Argument(help="Backend: ADDR:PORT, [V6]:PORT, or ADDR if unique in the pool.", metavar="BACKEND")
+]
 
 
-def _override(pool: str, backend_: str, drained: bool, backend: Optional[BackendName], state_dir: Path,
-              as_json: bool) -> None:
+def _override(
+    pool: str, backend_: str, drained: bool, backend: BackendName | None, state_dir: Path, as_json: bool
+) -> None:
     _Opts.json = as_json
     name, r = ops.set_drain(_kernel(backend), state_dir, pool, backend_, drained)
     p = r.plan.pool(pool)
     verb = "drained" if drained else "enabled"
-    _out(as_json, {"pool": pool, "backend": name, "drained": drained, "committed": bool(r.changed),
-                   "active": [b.display for b in p.active]},
-         f"pool {pool} backend {name} {verb}; taking new connections: "
-         f"{', '.join(b.display for b in p.active) or 'none (refusing)'}\n")
+    _out(
+        as_json,
+        {
+            "pool": pool,
+            "backend": name,
+            "drained": drained,
+            "committed": bool(r.changed),
+            "active": [b.display for b in p.active],
+        },
+        f"pool {pool} backend {name} {verb}; taking new connections: "
+        f"{', '.join(b.display for b in p.active) or 'none (refusing)'}\n",
+    )
 
 
 @app.command()
-def drain(pool: PoolArg, backend_: BackendArg, backend: BackendOpt = None,
-          state_dir: StateDirOpt = Path(state.DEFAULT_DIR), as_json: JsonOpt = False) -> None:
+def drain(
+    pool: PoolArg,
+    backend_: BackendArg,
+    backend: BackendOpt = None,
+    state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+    as_json: JsonOpt = False,
+) -> None:
     """Stop sending new connections to a backend, whatever its health; established ones
     continue. Survives watcher restarts and re-applies until `nftlb enable`.
 
@@ -283,8 +327,13 @@ def drain(pool: PoolArg, backend_: BackendArg, backend: BackendOpt = None,
 
 
 @app.command()
-def enable(pool: PoolArg, backend_: BackendArg, backend: BackendOpt = None,
-           state_dir: StateDirOpt = Path(state.DEFAULT_DIR), as_json: JsonOpt = False) -> None:
+def enable(
+    pool: PoolArg,
+    backend_: BackendArg,
+    backend: BackendOpt = None,
+    state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
+    as_json: JsonOpt = False,
+) -> None:
     """Undo `nftlb drain`: the backend takes new connections again when the file and its
     health allow.
 
@@ -321,15 +370,19 @@ def systemd(
         return
     for path in units.install(rendered, unit_dir):
         typer.echo(f"wrote {path}")
-    typer.echo("next: systemctl daemon-reload && systemctl enable --now nftlb-watch.service\n"
-               "  (or, instead, the timer: systemctl enable --now nftlb-watch-once.timer)")
+    typer.echo(
+        "next: systemctl daemon-reload && systemctl enable --now nftlb-watch.service\n"
+        "  (or, instead, the timer: systemctl enable --now nftlb-watch-once.timer)"
+    )
 
 
 @app.command()
 def explain(
     file: FileArg,
     pool: PoolArg,
-    client: Annotated[Optional[str], typer.Option("--client", help="ADDR or ADDR:PORT ([V6]:PORT): where does it go?")] = None,
+    client: Annotated[
+        str | None, typer.Option("--client", help="ADDR or ADDR:PORT ([V6]:PORT): where does it go?")
+    ] = None,
     state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
     as_json: JsonOpt = False,
 ) -> None:
@@ -343,27 +396,44 @@ def explain(
     _Opts.json = as_json
     who = _client(client) if client else None
     e = ops.explain(file, pool, state_dir if state_dir.exists() else None, who)
-    lines = [f"pool {e['pool']}: {e['service']}, {e['scheduler']}"
-             + (f" (seed {e['seed']:#x})" if e["kind"] in ("hash", "srchash") else "")
-             + (f", Maglev table of {e['table_size']} slots" if e["kind"] in ("hash", "srchash") else
-                f", {e['table_size']} slots" if e["kind"] in ("rr", "random") else
-                ", a plain DNAT" if e["kind"] == "direct" else ", refusing new connections")
-             + (f", persistence {e['persistence']}s" if e["persistence"] else "")]
+    lines = [
+        f"pool {e['pool']}: {e['service']}, {e['scheduler']}"
+        + (f" (seed {e['seed']:#x})" if e["kind"] in ("hash", "srchash") else "")
+        + (
+            f", Maglev table of {e['table_size']} slots"
+            if e["kind"] in ("hash", "srchash")
+            else f", {e['table_size']} slots"
+            if e["kind"] in ("rr", "random")
+            else ", a plain DNAT"
+            if e["kind"] == "direct"
+            else ", refusing new connections"
+        )
+        + (f", persistence {e['persistence']}s" if e["persistence"] else "")
+    ]
     width = max(len(r["backend"]) for r in e["backends"])
     lines.append(f"  {'backend':{width}}  weight  slots   share  state")
-    lines += [f"  {r['backend']:{width}}  {r['weight']:6d}  {r['slots']:5d}  {r['share']:6.1%}  {r['state']}"
-              for r in e["backends"]]
+    lines += [
+        f"  {r['backend']:{width}}  {r['weight']:6d}  {r['slots']:5d}  {r['share']:6.1%}  {r['state']}"
+        for r in e["backends"]
+    ]
     if "client" in e:
         c = e["client"]
         who_ = f"{c['address']}:{c['port']}" if c["port"] is not None else c["address"]
-        lines.append(f"client {who_} -> " + (f"slot {c['slot']} -> {c['backend']}" if c["slot"] is not None and
-                                               e["kind"] != "direct" else c["backend"] or c["why"]))
+        lines.append(
+            f"client {who_} -> "
+            + (
+                f"slot {c['slot']} -> {c['backend']}"
+                if c["slot"] is not None and e["kind"] != "direct"
+                else c["backend"] or c["why"]
+            )
+        )
     _out(as_json, e, "\n".join(lines) + "\n")
 
 
 @app.command()
-def status(backend: BackendOpt = None, state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
-           as_json: JsonOpt = False) -> None:
+def status(
+    backend: BackendOpt = None, state_dir: StateDirOpt = Path(state.DEFAULT_DIR), as_json: JsonOpt = False
+) -> None:
     """Per pool and backend: configured state, health, new connections and bytes (kernel
     counters, since the table was loaded), and connections open now (conntrack).
 
@@ -381,8 +451,10 @@ def status(backend: BackendOpt = None, state_dir: StateDirOpt = Path(state.DEFAU
 
 @app.command()
 def metrics(
-    textfile: Annotated[Path, typer.Option("--textfile", help="Write Prometheus text here (node_exporter's "
-                                           "textfile collector), atomically.")],
+    textfile: Annotated[
+        Path,
+        typer.Option("--textfile", help="Write Prometheus text here (node_exporter's textfile collector), atomically."),
+    ],
     backend: BackendOpt = None,
     state_dir: StateDirOpt = Path(state.DEFAULT_DIR),
 ) -> None:
@@ -392,7 +464,8 @@ def metrics(
     Example:
       nftlb metrics --textfile /var/lib/node_exporter/textfile/nftlb.prom
     """
-    from nftlb import metrics as metricslib, status as statuslib
+    from nftlb import metrics as metricslib
+    from nftlb import status as statuslib
 
     nft = _kernel(backend)
     statuslib.collect(nft, state_dir)  # fail loudly (exit 3) rather than write a file that says 0
@@ -412,11 +485,16 @@ def history(state_dir: StateDirOpt = Path(state.DEFAULT_DIR), as_json: JsonOpt =
     entries = ops.history(state_dir)
     lines = [f"{'':1} {'#':>4}  {'applied (UTC)':19}  {'sha256':12}  {'file':24}  what changed"]
     for e in entries:
-        when = datetime.fromtimestamp(e["applied_at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        lines.append(f"{'*' if e['live'] else '':1} {e['id']:>4}  {when:19}  {e['sha256'][:12]}  "
-                     f"{e['source'][-24:]:24}  {e['summary']}")
-    _out(as_json, {"generations": entries},
-         "\n".join(lines) + "\n" if entries else f"no generations kept in {state_dir} yet\n")
+        when = datetime.fromtimestamp(e["applied_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(
+            f"{'*' if e['live'] else '':1} {e['id']:>4}  {when:19}  {e['sha256'][:12]}  "
+            f"{e['source'][-24:]:24}  {e['summary']}"
+        )
+    _out(
+        as_json,
+        {"generations": entries},
+        "\n".join(lines) + "\n" if entries else f"no generations kept in {state_dir} yet\n",
+    )
 
 
 @app.command()
@@ -436,7 +514,7 @@ def rollback(
     """
     _Opts.json = as_json
     target, r = ops.rollback(_kernel(backend), state_dir, dry_run=dry_run)
-    when = datetime.fromtimestamp(target["applied_at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.fromtimestamp(target["applied_at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     what = f"generation #{target['id']} ({target['source']}, applied {when}: {target['summary']})"
     if r.action == "dry-run":
         text = _drift(r.diff) + r.diff.changes + f"dry run: would roll back to {what}; nothing was changed\n"
@@ -449,8 +527,9 @@ def rollback(
 
 @app.command()
 def doctor(
-    file: Annotated[Optional[Path], typer.Argument(help="The pools file to check against (optional).",
-                                                   metavar="[FILE]")] = None,
+    file: Annotated[
+        Path | None, typer.Argument(help="The pools file to check against (optional).", metavar="[FILE]")
+    ] = None,
     backend: BackendOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -509,8 +588,12 @@ def _level_prefix(record: logging.LogRecord) -> bool:
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage(),
-               "pid": record.process}
+        doc = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
@@ -521,8 +604,7 @@ def _report(e: NftlbError) -> None:
     for line in (str(p) for p in problems) if problems else [f"nftlb: {e}"]:
         print(line, file=sys.stderr)
     if _Opts.json:
-        doc = {"ok": False, "exit_code": e.exit_code, "error": str(e),
-               "problems": [p.as_dict() for p in problems]}
+        doc = {"ok": False, "exit_code": e.exit_code, "error": str(e), "problems": [p.as_dict() for p in problems]}
         print(json.dumps(doc, indent=2, sort_keys=True))
 
 

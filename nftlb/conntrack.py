@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from nftlb.errors import KernelError
@@ -30,8 +29,9 @@ Key = tuple[str, str, int, str, int]  # vip, protocol, port, backend address, ba
 
 
 def find() -> str | None:
-    return shutil.which("conntrack") or next((p for p in ("/usr/sbin/conntrack", "/sbin/conntrack")
-                                              if Path(p).exists()), None)
+    return shutil.which("conntrack") or next(
+        (p for p in ("/usr/sbin/conntrack", "/sbin/conntrack") if Path(p).exists()), None
+    )
 
 
 def _addr(text: str) -> str:
@@ -55,8 +55,16 @@ class Tool:
     def delete(self, flows: Flows) -> int:
         """Delete the entries `flows` describes; returns how many went."""
         what = f"deleting {flows}"
-        base = ["-f", "ipv4" if flows.family == "ip" else "ipv6", "-p", flows.protocol,
-                "--orig-dst", flows.vip, "--orig-port-dst", str(flows.port)]
+        base = [
+            "-f",
+            "ipv4" if flows.family == "ip" else "ipv6",
+            "-p",
+            flows.protocol,
+            "--orig-dst",
+            flows.vip,
+            "--orig-port-dst",
+            str(flows.port),
+        ]
         if flows.backend is not None:
             base += ["--reply-src", flows.backend[0], "--reply-port-src", str(flows.backend[1])]
         if not flows.unreplied:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from nftlb import backend, model, plan as planlib
+from nftlb import backend, model
+from nftlb import plan as planlib
 from nftlb.errors import KernelError
 
 PROBE_TABLE = "nftlb_doctor"
@@ -51,12 +52,19 @@ class Check:
 def _probe(features: list[str]) -> str:
     pre = [r for f in features for r in _FEATURES[f][0]]
     post = [r for f in features for r in _FEATURES[f][1]]
-    chains = [("filter", "input", "0", [])] if features == ["nf_tables"] else \
-        [("nat", "prerouting", "dstnat", pre), ("nat", "postrouting", "srcnat", post)]
+    chains = (
+        [("filter", "input", "0", [])]
+        if features == ["nf_tables"]
+        else [("nat", "prerouting", "dstnat", pre), ("nat", "postrouting", "srcnat", post)]
+    )
     lines = [f"table inet {PROBE_TABLE} {{"]
     for kind, hook, prio, rules in chains:
-        lines += [f"\tchain {hook} {{", f"\t\ttype {kind} hook {hook} priority {prio}; policy accept;",
-                  *(f"\t\t{r}" for r in rules), "\t}"]
+        lines += [
+            f"\tchain {hook} {{",
+            f"\t\ttype {kind} hook {hook} priority {prio}; policy accept;",
+            *(f"\t\t{r}" for r in rules),
+            "\t}",
+        ]
     return "\n".join(lines + ["}"]) + "\n"
 
 
@@ -112,11 +120,18 @@ def _tools() -> list[Check]:
     binary, bindings = _nft_version(), _bindings()
     missing = "fail" if binary is None and bindings is None else "warn"
     return [
-        Check("nft", "ok", binary) if binary else
-        Check("nft", missing, "the nft binary was not found: install the Debian package nftables"),
-        Check("bindings", "ok", f"python nftables bindings {bindings} importable (default backend)") if bindings else
-        Check("bindings", missing, "python nftables bindings not importable: install python3-nftables "
-              "(the nft binary is used instead)" if binary else "python nftables bindings not importable"),
+        Check("nft", "ok", binary)
+        if binary
+        else Check("nft", missing, "the nft binary was not found: install the Debian package nftables"),
+        Check("bindings", "ok", f"python nftables bindings {bindings} importable (default backend)")
+        if bindings
+        else Check(
+            "bindings",
+            missing,
+            "python nftables bindings not importable: install python3-nftables (the nft binary is used instead)"
+            if binary
+            else "python nftables bindings not importable",
+        ),
     ]
 
 
@@ -145,13 +160,20 @@ def _examples(items: list, most: int = 3) -> str:
 
 
 def _forwarding(proc: Path, version: int, pools: list[model.Pool] | None, local: dict[Address, str]) -> Check:
-    name, key, rel = ("ip_forward", "net.ipv4.ip_forward", "sys/net/ipv4/ip_forward") if version == 4 else \
-        ("ipv6_forwarding", "net.ipv6.conf.all.forwarding", "sys/net/ipv6/conf/all/forwarding")
+    name, key, rel = (
+        ("ip_forward", "net.ipv4.ip_forward", "sys/net/ipv4/ip_forward")
+        if version == 4
+        else ("ipv6_forwarding", "net.ipv6.conf.all.forwarding", "sys/net/ipv6/conf/all/forwarding")
+    )
     mine = None if pools is None else [p for p in pools if p.vip.version == version]
     if version == 6 and not (proc / "sys/net/ipv6").is_dir():
         if mine:
-            return Check(name, "fail", f"IPv6 is disabled in this kernel, so the {len(mine)} IPv6 pools cannot "
-                                       "work: boot without ipv6.disable=1")
+            return Check(
+                name,
+                "fail",
+                f"IPv6 is disabled in this kernel, so the {len(mine)} IPv6 pools cannot "
+                "work: boot without ipv6.disable=1",
+            )
         return Check(name, "ok", "IPv6 is disabled in this kernel" + ("; no IPv6 pools" if mine is not None else ""))
     value = _read(proc / rel)
     if value is None:
@@ -160,13 +182,21 @@ def _forwarding(proc: Path, version: int, pools: list[model.Pool] | None, local:
         return Check(name, "ok", f"{key} = {value}: forwarded traffic passes")
     how = f"run sysctl -w {key}=1 and persist it in /etc/sysctl.d/"
     if mine is None:
-        return Check(name, "warn" if version == 4 else "ok",
-                     f"{key} = 0: connections DNATed to backends on other hosts would be dropped; {how}"
-                     if version == 4 else f"{key} = 0: fine without IPv6 pools; IPv6 pools would need 1")
+        return Check(
+            name,
+            "warn" if version == 4 else "ok",
+            f"{key} = 0: connections DNATed to backends on other hosts would be dropped; {how}"
+            if version == 4
+            else f"{key} = 0: fine without IPv6 pools; IPv6 pools would need 1",
+        )
     remote = sorted({b.address for p in mine for b in p.backends if b.address not in local}, key=int)
     if remote:
-        return Check(name, "fail", f"{key} = 0: clients' connections DNATed to backends on other hosts "
-                                   f"({_examples(remote)}) are dropped; {how}")
+        return Check(
+            name,
+            "fail",
+            f"{key} = 0: clients' connections DNATed to backends on other hosts "
+            f"({_examples(remote)}) are dropped; {how}",
+        )
     why = f"no IPv{version} pools" if not mine else "every backend is local"
     return Check(name, "ok", f"{key} = 0, not needed: {why}")
 
@@ -181,8 +211,12 @@ def _rp_filter(proc: Path) -> Check:
     strict = [n for n in names if max(top, int(_read(conf / n / "rp_filter") or 0)) == 1]
     if strict:
         named = ", ".join("default (new interfaces)" if n == "default" else n for n in strict)
-        return Check("rp_filter", "warn", f"strict (1) on {named}: asymmetric routes will be dropped; "
-                                          "use 2 (loose) if replies can come back another way")
+        return Check(
+            "rp_filter",
+            "warn",
+            f"strict (1) on {named}: asymmetric routes will be dropped; "
+            "use 2 (loose) if replies can come back another way",
+        )
     return Check("rp_filter", "ok", f"loose or off on every interface (all = {top})")
 
 
@@ -190,8 +224,12 @@ def _conntrack(proc: Path, pools: list[model.Pool] | None) -> Check:
     base = proc / "sys/net/netfilter"
     count, top = _read(base / "nf_conntrack_count"), _read(base / "nf_conntrack_max")
     if count is None or top is None:
-        return Check("conntrack", "warn", "conntrack module not loaded (nf_conntrack loads with the first NAT "
-                                          "rule); run doctor again after nftlb apply")
+        return Check(
+            "conntrack",
+            "warn",
+            "conntrack module not loaded (nf_conntrack loads with the first NAT "
+            "rule); run doctor again after nftlb apply",
+        )
     n, limit = int(count), int(top)
     if limit <= 0:
         return Check("conntrack", "ok", f"{n} entries, no limit (nf_conntrack_max = 0)")
@@ -241,15 +279,21 @@ def _vip(vip: Address, local: dict[Address, str]) -> tuple[Check, str]:
     route = None if vip in local else _route(vip)
     if vip in local or (route or {}).get("type") == "local":
         dev = local.get(vip) or (route or {}).get("dev")
-        return Check(name, "ok", f"local (on dev {dev}): the gateway's own traffic "
-                                 "and traffic to this box are balanced"), "local"
+        return Check(
+            name, "ok", f"local (on dev {dev}): the gateway's own traffic and traffic to this box are balanced"
+        ), "local"
     if route == {}:
-        return Check(name, "ok", "not local and no route to it: fine for DNAT (nftlb translates before "
-                                 "routing); the upstream router must send it to this box, and this box's "
-                                 "own connections to it fail"), "none"
+        return Check(
+            name,
+            "ok",
+            "not local and no route to it: fine for DNAT (nftlb translates before "
+            "routing); the upstream router must send it to this box, and this box's "
+            "own connections to it fail",
+        ), "none"
     if route is None:
-        return Check(name, "ok", "not local: routed via an unknown route (no ip tool); clients must route "
-                                 "it through this box"), "unknown"
+        return Check(
+            name, "ok", "not local: routed via an unknown route (no ip tool); clients must route it through this box"
+        ), "unknown"
     via = f"dev {route['dev']}" + (f" via {route['gateway']}" if route.get("gateway") else "")
     return Check(name, "ok", f"not local: routed via {via}; clients must route it through this box"), "routed"
 
@@ -264,8 +308,10 @@ def _icmp_limit(proc: Path, version: int) -> str:
             return "not rate-limited (net.ipv4.icmp_ratelimit = 0)"
         return f"rate-limited per client: a burst of 6, then one per {ms or '?'} ms (net.ipv4.icmp_ratelimit)"
     ms = _read(proc / "sys/net/ipv6/icmp/ratelimit")
-    return (f"rate-limited per client: one per {ms or '?'} ms, less for a client behind a wider route "
-            "(net.ipv6.icmp.ratelimit)")
+    return (
+        f"rate-limited per client: one per {ms or '?'} ms, less for a client behind a wider route "
+        "(net.ipv6.icmp.ratelimit)"
+    )
 
 
 def _refusal(vip: Address, where: str, protocols: set[str], proc: Path) -> Check:
@@ -273,11 +319,18 @@ def _refusal(vip: Address, where: str, protocols: set[str], proc: Path) -> Check
     answers = ["TCP reset"] if "tcp" in protocols else []
     if "udp" in protocols:
         answers.append(f"ICMP port-unreachable ({_icmp_limit(proc, vip.version)})")
-    own = {"local": "refused alike", "routed": "refused alike",
-           "none": "fail with 'network unreachable' from its own stack before any rule (no route)",
-           "unknown": "refused alike if it has a route to the VIP"}[where]
-    return Check(f"refusal {vip}", "ok", f"a pool without a usable backend answers clients at once, before "
-                                         f"routing: {' and '.join(answers)}; this box's own connections: {own}")
+    own = {
+        "local": "refused alike",
+        "routed": "refused alike",
+        "none": "fail with 'network unreachable' from its own stack before any rule (no route)",
+        "unknown": "refused alike if it has a route to the VIP",
+    }[where]
+    return Check(
+        f"refusal {vip}",
+        "ok",
+        f"a pool without a usable backend answers clients at once, before "
+        f"routing: {' and '.join(answers)}; this box's own connections: {own}",
+    )
 
 
 def _path_probes(config: model.Config, local: dict[Address, str]) -> list[Check]:
@@ -289,14 +342,31 @@ def _path_probes(config: model.Config, local: dict[Address, str]) -> list[Check]
         name = f"path_source {source}"
         route = _route(source)
         if source in local or (route or {}).get("type") == "local":
-            out.append(Check(name, "fail", f"{source} is an address of this box (dev {local.get(source) or route.get('dev')}): "
-                                           "a backend answers it like the gateway itself; choose one no host has"))
+            out.append(
+                Check(
+                    name,
+                    "fail",
+                    f"{source} is an address of this box (dev {local.get(source) or route.get('dev')}): "
+                    "a backend answers it like the gateway itself; choose one no host has",
+                )
+            )
         elif route and not route.get("gateway") and route.get("dev"):
-            out.append(Check(name, "warn", f"{source} is on the link of dev {route['dev']}: backends there would "
-                                           "look for it on the link instead of routing it back through this box"))
+            out.append(
+                Check(
+                    name,
+                    "warn",
+                    f"{source} is on the link of dev {route['dev']}: backends there would "
+                    "look for it on the link instead of routing it back through this box",
+                )
+            )
         else:
-            out.append(Check(name, "ok", "off every link of this box: a backend answers it by its route back, "
-                                         "as it answers clients"))
+            out.append(
+                Check(
+                    name,
+                    "ok",
+                    "off every link of this box: a backend answers it by its route back, as it answers clients",
+                )
+            )
     if out:
         caught = []
         for rule in _rules():
@@ -305,9 +375,11 @@ def _path_probes(config: model.Config, local: dict[Address, str]) -> list[Check]
                 if planlib.PATH_PROBE_MARK & mask == mark:
                     caught.append(f"{rule['fwmark']}/{rule.get('fwmask', '0xffffffff')} -> table {rule.get('table')}")
         mark = f"{planlib.PATH_PROBE_MARK:#x}"
-        out.append(Check("path_mark", "warn", f"policy routing rules catch the path probes' mark {mark}: "
-                                              f"{_examples(caught)}") if caught else
-                   Check("path_mark", "ok", f"no policy routing rule catches the path probes' mark {mark}"))
+        out.append(
+            Check("path_mark", "warn", f"policy routing rules catch the path probes' mark {mark}: {_examples(caught)}")
+            if caught
+            else Check("path_mark", "ok", f"no policy routing rule catches the path probes' mark {mark}")
+        )
     return out
 
 
@@ -322,8 +394,11 @@ def _listeners(pools: list[model.Pool], local_vips: set[Address]) -> list[Check]
         return [Check("listeners", "warn", f"cannot list this box's sockets ({e}): run as root")]
     out = []
     for pool in pools:
-        wild = set() if pool.vip not in local_vips else \
-            {ipaddress.ip_address("::")} | ({ipaddress.ip_address("0.0.0.0")} if pool.vip.version == 4 else set())
+        wild = (
+            set()
+            if pool.vip not in local_vips
+            else {ipaddress.ip_address("::")} | ({ipaddress.ip_address("0.0.0.0")} if pool.vip.version == 4 else set())
+        )
         hits = []
         for s in socks:
             if not s.laddr or s.laddr.port != pool.port:
@@ -341,9 +416,14 @@ def _listeners(pools: list[model.Pool], local_vips: set[Address]) -> list[Check]
                     who = f"pid {s.pid}"
                 hits.append(f"{who} listens on {_endpoint(s.laddr.ip, s.laddr.port)}")
         if hits:
-            out.append(Check(f"listener {_endpoint(str(pool.vip), pool.port)}/{pool.protocol}", "warn",
-                             f"DNAT shadows it: {', '.join(sorted(set(hits)))}; its clients through the VIP "
-                             "will reach the backends instead"))
+            out.append(
+                Check(
+                    f"listener {_endpoint(str(pool.vip), pool.port)}/{pool.protocol}",
+                    "warn",
+                    f"DNAT shadows it: {', '.join(sorted(set(hits)))}; its clients through the VIP "
+                    "will reach the backends instead",
+                )
+            )
     return out or [Check("listeners", "ok", "no local process listens on a pool's VIP:port")]
 
 
@@ -351,8 +431,14 @@ def run(config: model.Config | None, nft: backend.Backend | None, *, proc: Path 
     """Every check, in a fixed order; `config` None skips the per-pool ones."""
     pools = None if config is None else config.pools
     local = _local_addresses()
-    checks = [_kernel(nft), *_tools(), _forwarding(proc, 4, pools, local), _forwarding(proc, 6, pools, local),
-              _rp_filter(proc), _conntrack(proc, pools)]
+    checks = [
+        _kernel(nft),
+        *_tools(),
+        _forwarding(proc, 4, pools, local),
+        _forwarding(proc, 6, pools, local),
+        _rp_filter(proc),
+        _conntrack(proc, pools),
+    ]
     if pools:
         local_vips: set[Address] = set()
         for vip in dict.fromkeys(p.vip for p in pools):

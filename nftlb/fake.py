@@ -69,8 +69,12 @@ class Fake:
 
     def list(self, what: str) -> str | None:
         if what == "tables":
-            return json.dumps({"nftables": [{"metainfo": {}}] + [
-                {"table": {"family": "inet", "name": t, "handle": 1}} for t in self.tables]})
+            return json.dumps(
+                {
+                    "nftables": [{"metainfo": {}}]
+                    + [{"table": {"family": "inet", "name": t, "handle": 1}} for t in self.tables]
+                }
+            )
         kind, _family, table, *name = what.split()
         objects = self.tables.get(table)
         if objects is None or (name and f"{kind} {name[0]}" not in objects):
@@ -123,7 +127,7 @@ class _Interpreter:
                 self.tables.setdefault(m[1], {})
             elif m := re.fullmatch(r"table inet (\S+) \{", line):
                 end = lines.index("}", i)
-                self._block(self.tables.setdefault(m[1], {}), lines[i + 1:end])
+                self._block(self.tables.setdefault(m[1], {}), lines[i + 1 : end])
                 i = end
             elif m := re.fullmatch(r"delete table inet (\S+)", line):
                 self._table(m[1])
@@ -161,7 +165,7 @@ class _Interpreter:
                 raise _Refused(f"fake kernel does not understand: {lines[i]}")
             end = lines.index("\t}", i)
             key = f"{m[1]} {m[2]}"
-            body = [line.strip() for line in lines[i + 1:end]]
+            body = [line.strip() for line in lines[i + 1 : end]]
             obj = objects.setdefault(key, {"decl": [], "rules" if m[1] == "chain" else "elements": []})
             if m[1] == "chain":
                 decl = [line for line in body if line.startswith("type ")]

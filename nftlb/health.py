@@ -12,10 +12,11 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
-from nftlb import model, plan as planlib
+from nftlb import model
+from nftlb import plan as planlib
 
 NO_CLIENT_PATH = "no reply by the client path"  # answers a direct probe, not one by the clients' path
 
@@ -74,8 +75,9 @@ class Transition:
         return f"pool {t.pool} backend {t.backend} down after {self.streak} failures: {self.reason}"
 
 
-def observe(record: Record, target: Target, ok: bool, detail: str, latency: float | None,
-            now: float) -> Transition | None:
+def observe(
+    record: Record, target: Target, ok: bool, detail: str, latency: float | None, now: float
+) -> Transition | None:
     """Fold one probe result into `record`; return the transition it causes, if any."""
     h = target.health
     record.checked = now
@@ -111,7 +113,7 @@ async def tcp_probe(address: str, port: int, timeout: float) -> tuple[bool, str,
     started = time.monotonic()
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False, f"no answer within {timeout:g}s", None
     except ConnectionRefusedError:
         return False, "connection refused", None
@@ -121,7 +123,7 @@ async def tcp_probe(address: str, port: int, timeout: float) -> tuple[bool, str,
     writer.close()
     try:  # within what is left of the timeout: a probe's verdict never takes longer than that
         await asyncio.wait_for(writer.wait_closed(), max(0.05, timeout - latency))
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         pass
     return True, "", latency
 
@@ -148,7 +150,7 @@ async def path_probe(address: str, port: int, timeout: float) -> tuple[bool, str
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False, f"no answer within {timeout:g}s", None
         except ConnectionRefusedError:
             return False, "connection refused", None

@@ -146,15 +146,27 @@ def jhash(data: bytes, initval: int) -> int:
     a = b = c = (0xDEADBEEF + length + initval) & _M32
     k = 0
     while length > 12:
-        a = (a + int.from_bytes(data[k:k + 4], "little")) & _M32
-        b = (b + int.from_bytes(data[k + 4:k + 8], "little")) & _M32
-        c = (c + int.from_bytes(data[k + 8:k + 12], "little")) & _M32
-        a = (a - c) & _M32; a ^= _rol(c, 4); c = (c + b) & _M32  # noqa: E702
-        b = (b - a) & _M32; b ^= _rol(a, 6); a = (a + c) & _M32  # noqa: E702
-        c = (c - b) & _M32; c ^= _rol(b, 8); b = (b + a) & _M32  # noqa: E702
-        a = (a - c) & _M32; a ^= _rol(c, 16); c = (c + b) & _M32  # noqa: E702
-        b = (b - a) & _M32; b ^= _rol(a, 19); a = (a + c) & _M32  # noqa: E702
-        c = (c - b) & _M32; c ^= _rol(b, 4); b = (b + a) & _M32  # noqa: E702
+        a = (a + int.from_bytes(data[k : k + 4], "little")) & _M32
+        b = (b + int.from_bytes(data[k + 4 : k + 8], "little")) & _M32
+        c = (c + int.from_bytes(data[k + 8 : k + 12], "little")) & _M32
+        a = (a - c) & _M32
+        a ^= _rol(c, 4)
+        c = (c + b) & _M32
+        b = (b - a) & _M32
+        b ^= _rol(a, 6)
+        a = (a + c) & _M32
+        c = (c - b) & _M32
+        c ^= _rol(b, 8)
+        b = (b + a) & _M32
+        a = (a - c) & _M32
+        a ^= _rol(c, 16)
+        c = (c + b) & _M32
+        b = (b - a) & _M32
+        b ^= _rol(a, 19)
+        a = (a + c) & _M32
+        c = (c - b) & _M32
+        c ^= _rol(b, 4)
+        b = (b + a) & _M32
         length -= 12
         k += 12
     if length == 0:
@@ -163,13 +175,20 @@ def jhash(data: bytes, initval: int) -> int:
     a = (a + int.from_bytes(tail[0:4], "little")) & _M32
     b = (b + int.from_bytes(tail[4:8], "little")) & _M32
     c = (c + int.from_bytes(tail[8:12], "little")) & _M32
-    c ^= b; c = (c - _rol(b, 14)) & _M32  # noqa: E702
-    a ^= c; a = (a - _rol(c, 11)) & _M32  # noqa: E702
-    b ^= a; b = (b - _rol(a, 25)) & _M32  # noqa: E702
-    c ^= b; c = (c - _rol(b, 16)) & _M32  # noqa: E702
-    a ^= c; a = (a - _rol(c, 4)) & _M32  # noqa: E702
-    b ^= a; b = (b - _rol(a, 14)) & _M32  # noqa: E702
-    c ^= b; c = (c - _rol(b, 24)) & _M32  # noqa: E702
+    c ^= b
+    c = (c - _rol(b, 14)) & _M32
+    a ^= c
+    a = (a - _rol(c, 11)) & _M32
+    b ^= a
+    b = (b - _rol(a, 25)) & _M32
+    c ^= b
+    c = (c - _rol(b, 16)) & _M32
+    a ^= c
+    a = (a - _rol(c, 4)) & _M32
+    b ^= a
+    b = (b - _rol(a, 14)) & _M32
+    c ^= b
+    c = (c - _rol(b, 24)) & _M32
     return c
 
 

@@ -9,8 +9,8 @@ duration histogram lives in the watcher's memory.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -44,23 +44,36 @@ class StatusCollector:
         ok.add_metric([], 1)
         yield ok
         labels = ["pool", "backend"]
-        up = GaugeMetricFamily("nftlb_backend_up", "1 when the health watcher sees the backend up "
-                               "(or does not probe it), 0 when down", labels=labels)
-        serving = GaugeMetricFamily("nftlb_backend_serving", "1 when the backend takes new connections now",
-                                    labels=labels)
-        conns = CounterMetricFamily("nftlb_backend_connections", "New connections sent to the backend since "
-                                    "the table was loaded (kernel counter)", labels=labels)
-        packets = CounterMetricFamily("nftlb_backend_packets", "Packets of the backend's connections, both "
-                                      "directions (kernel counter)", labels=labels)
-        bytes_ = CounterMetricFamily("nftlb_backend_bytes", "Bytes of the backend's connections, both "
-                                     "directions (kernel counter)", labels=labels)
-        opened = GaugeMetricFamily("nftlb_backend_open_connections", "Connections open now (conntrack)",
-                                   labels=labels)
-        transitions = CounterMetricFamily("nftlb_backend_transitions", "Health state changes seen by the "
-                                          "watcher", labels=[*labels, "to"])
-        reason = GaugeMetricFamily("nftlb_backend_down_reason", "1 for a backend the watcher has down, with "
-                                   "why its last probe failed (e.g. 'no reply by the client path')",
-                                   labels=[*labels, "reason"])
+        up = GaugeMetricFamily(
+            "nftlb_backend_up",
+            "1 when the health watcher sees the backend up (or does not probe it), 0 when down",
+            labels=labels,
+        )
+        serving = GaugeMetricFamily(
+            "nftlb_backend_serving", "1 when the backend takes new connections now", labels=labels
+        )
+        conns = CounterMetricFamily(
+            "nftlb_backend_connections",
+            "New connections sent to the backend since the table was loaded (kernel counter)",
+            labels=labels,
+        )
+        packets = CounterMetricFamily(
+            "nftlb_backend_packets",
+            "Packets of the backend's connections, both directions (kernel counter)",
+            labels=labels,
+        )
+        bytes_ = CounterMetricFamily(
+            "nftlb_backend_bytes", "Bytes of the backend's connections, both directions (kernel counter)", labels=labels
+        )
+        opened = GaugeMetricFamily("nftlb_backend_open_connections", "Connections open now (conntrack)", labels=labels)
+        transitions = CounterMetricFamily(
+            "nftlb_backend_transitions", "Health state changes seen by the watcher", labels=[*labels, "to"]
+        )
+        reason = GaugeMetricFamily(
+            "nftlb_backend_down_reason",
+            "1 for a backend the watcher has down, with why its last probe failed (e.g. 'no reply by the client path')",
+            labels=[*labels, "reason"],
+        )
         for p in doc["pools"]:
             for b in p["backends"]:
                 key = [p["name"], b["backend"]]
@@ -80,11 +93,11 @@ class StatusCollector:
         yield from (up, serving, conns, packets, bytes_, opened, transitions, reason)
         applies = CounterMetricFamily("nftlb_applies", "Successful applies and rollbacks")
         applies.add_metric([], doc["applies"])
-        failures = CounterMetricFamily("nftlb_apply_failures", "Applies and rollbacks the kernel or the "
-                                       "state dir refused")
+        failures = CounterMetricFamily(
+            "nftlb_apply_failures", "Applies and rollbacks the kernel or the state dir refused"
+        )
         failures.add_metric([], doc["apply_failures"])
-        last = GaugeMetricFamily("nftlb_last_apply_success_timestamp_seconds", "Unix time of the last "
-                                 "successful apply")
+        last = GaugeMetricFamily("nftlb_last_apply_success_timestamp_seconds", "Unix time of the last successful apply")
         last.add_metric([], doc["last_apply_success"] or 0)
         loaded = GaugeMetricFamily("nftlb_table_loaded", "1 when nftlb's table is in the kernel")
         loaded.add_metric([], 1 if doc["live"] else 0)
@@ -98,9 +111,13 @@ def registry(make_backend: Callable[[], Backend], state_dir: Path) -> CollectorR
 
 
 def probe_histogram(reg: CollectorRegistry) -> Histogram:
-    return Histogram("nftlb_probe_duration_seconds", "Health probe duration (TCP connect or failure)",
-                     ["result"], registry=reg,
-                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+    return Histogram(
+        "nftlb_probe_duration_seconds",
+        "Health probe duration (TCP connect or failure)",
+        ["result"],
+        registry=reg,
+        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    )
 
 
 def listen_address(text: str) -> tuple[str, int]:

@@ -10,10 +10,10 @@ import ipaddress
 import json
 import os
 import re
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -45,7 +45,8 @@ MAX_DEPTH = 64  # nested lists and mappings; a pools file needs 6. libyaml's com
 # Words nft 1.0.6 cannot take as a table name (a syntax error in `table inet WORD`, `delete table
 # inet WORD`, `add element inet WORD ...` or `list table inet WORD`): found by trying every word of
 # nft(8) and of libnftables' strings, and every name of up to 3 characters, in a scratch namespace.
-NFT_KEYWORDS = frozenset("""
+NFT_KEYWORDS = frozenset(
+    """
 accept add ah all and arp bridge cgroup chain chains comment comp constant continue counter counters
 cpu create ct daddr day dccp define delete describe device devices dnat drop dst dup dynamic ecn
 element elements eq esp ether exists expires export exthdr fib flags flow flowtable flowtables flush
@@ -57,9 +58,10 @@ policy position priority queue quota quotas random redefine redirect reject rena
 return rt rt0 rt2 rtclassid rule ruleset sctp secmark secmarks set sets size skgid skuid snat socket
 srh symhash synproxy synproxys table tables tcp th time timeout tproxy type typeof udp udplite
 undefine update vlan vmap xor xt
-""".split())
+""".split()
+)
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 POOL_NAME = _POOL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
@@ -241,7 +243,7 @@ class HealthDefaults(_Model):
     path_source: Annotated[tuple[IPAddress, ...], BeforeValidator(_path_sources)] = PATH_SOURCES
 
     @model_validator(mode="after")
-    def _timeout_within_interval(self) -> "HealthDefaults":
+    def _timeout_within_interval(self) -> HealthDefaults:
         if self.timeout > self.interval:
             raise ValueError(f"timeout ({self.timeout:g}s) must not exceed interval ({self.interval:g}s)")
         return self
@@ -308,13 +310,11 @@ class Pool(_Model):
     def _check_name(cls, v: Any) -> str:
         _not_bool(v)
         if not isinstance(v, str) or not _POOL_NAME.fullmatch(v):
-            raise ValueError(
-                f"{_show(v)} is not a pool name: use 1-31 characters a-z 0-9 _ -, starting with a letter"
-            )
+            raise ValueError(f"{_show(v)} is not a pool name: use 1-31 characters a-z 0-9 _ -, starting with a letter")
         return v
 
     @model_validator(mode="after")
-    def _default_ports(self) -> "Pool":
+    def _default_ports(self) -> Pool:
         for b in self.backends:
             if b.port is None:
                 b.port = self.port
@@ -340,8 +340,12 @@ class Config(_Model):
         # masquerade backends answer the gateway's own address: the plain probe is their clients' path
         path = (o.path if o.path is not None else d.path) and pool.mode == "dnat"
         return Health(
-            interval=o.interval or d.interval, timeout=o.timeout or d.timeout,
-            rise=o.rise or d.rise, fall=o.fall or d.fall, port=o.port, path=path,
+            interval=o.interval or d.interval,
+            timeout=o.timeout or d.timeout,
+            rise=o.rise or d.rise,
+            fall=o.fall or d.fall,
+            port=o.port,
+            path=path,
         )
 
     def path_sources(self) -> tuple[IPAddress, ...]:
@@ -356,8 +360,9 @@ class Config(_Model):
         if not isinstance(v, str) or not TABLE_NAME.fullmatch(v):
             raise ValueError(f"{_show(v)} is not a table name: use 1-31 characters a-z 0-9 _, starting with a letter")
         if v in NFT_KEYWORDS:
-            raise ValueError(f"{v!r} is an nftables keyword, which nft does not take as a table name "
-                             f"(choose another, e.g. lb_{v})")
+            raise ValueError(
+                f"{v!r} is an nftables keyword, which nft does not take as a table name (choose another, e.g. lb_{v})"
+            )
         return v
 
     @field_validator("seed", mode="before")
@@ -396,7 +401,12 @@ def _compose(loader) -> yaml.Node | None:
     collections nested deeper than MAX_DEPTH: libyaml's composer recurses in C, and a file of
     100,000 `[` overflows the process's stack (a segfault, not an exception)."""
     get, check, resolve = loader.get_event, loader.check_event, loader.resolve
-    Scalar, SeqStart, MapStart, Alias = yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent, yaml.AliasEvent
+    Scalar, SeqStart, MapStart, Alias = (
+        yaml.ScalarEvent,
+        yaml.SequenceStartEvent,
+        yaml.MappingStartEvent,
+        yaml.AliasEvent,
+    )
     ScalarNode, SequenceNode, MappingNode = yaml.ScalarNode, yaml.SequenceNode, yaml.MappingNode
     ComposerError = yaml.composer.ComposerError
     get()  # stream start
@@ -435,8 +445,12 @@ def _compose(loader) -> yaml.Node | None:
             anchor = event.anchor
             if anchor is not None:
                 if anchor in anchors:
-                    raise ComposerError(f"found duplicate anchor {anchor!r}; first occurrence",
-                                        anchors[anchor].start_mark, "second occurrence", event.start_mark)
+                    raise ComposerError(
+                        f"found duplicate anchor {anchor!r}; first occurrence",
+                        anchors[anchor].start_mark,
+                        "second occurrence",
+                        event.start_mark,
+                    )
                 anchors[anchor] = node  # before its items, as PyYAML does: they may refer to it
             if kind is not Scalar:
                 stack.append([node, None])
@@ -454,8 +468,9 @@ def _compose(loader) -> yaml.Node | None:
     get()  # document end
     if not check(yaml.StreamEndEvent):
         event = get()
-        raise ComposerError("expected a single document in the stream", node.start_mark,
-                            "but found another document", event.start_mark)
+        raise ComposerError(
+            "expected a single document in the stream", node.start_mark, "but found another document", event.start_mark
+        )
     get()
     return node
 
@@ -519,8 +534,12 @@ class _Tree:
             raise
         except Exception:  # int() of over 4300 digits, `!!bool maybe` (KeyError), `!!timestamp x` ...
             what = tag.rsplit(":", 1)[-1]
-            self._problem(node, path, f"cannot read {_show(node.value)} as {'an' if what[0] in 'aeiou' else 'a'} "
-                                      f"{what}" + (" (too many digits)" if len(node.value) > 4000 else ""))
+            self._problem(
+                node,
+                path,
+                f"cannot read {_show(node.value)} as {'an' if what[0] in 'aeiou' else 'a'} "
+                f"{what}" + (" (too many digits)" if len(node.value) > 4000 else ""),
+            )
             return None
 
     def _build(self, loader: yaml.SafeLoader, node: yaml.Node, path: tuple) -> Any:
@@ -539,8 +558,11 @@ class _Tree:
             for i, item in enumerate(node.value):
                 sub = path + (i,)
                 self.lines[sub] = item.start_mark.line + 1
-                out_list.append(self._scalar(loader, item, sub) if item.__class__ is yaml.ScalarNode
-                                else self._build(loader, item, sub))
+                out_list.append(
+                    self._scalar(loader, item, sub)
+                    if item.__class__ is yaml.ScalarNode
+                    else self._build(loader, item, sub)
+                )
             self._nodes += len(node.value)
             return out_list
         if node.tag != _MAP:
@@ -564,8 +586,11 @@ class _Tree:
             if n < merged:
                 self._merged.add(sub)
             self.lines[sub] = line
-            out[key] = self._scalar(loader, vnode, sub) if vnode.__class__ is yaml.ScalarNode \
+            out[key] = (
+                self._scalar(loader, vnode, sub)
+                if vnode.__class__ is yaml.ScalarNode
                 else self._build(loader, vnode, sub)
+            )
         self._nodes += len(pairs)
         return out
 
@@ -587,8 +612,11 @@ class _Tree:
             for sub in subs:
                 if sub.__class__ is not yaml.MappingNode:
                     raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"expected a mapping or list of mappings for merging, but found {sub.id}", sub.start_mark)
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"expected a mapping or list of mappings for merging, but found {sub.id}",
+                        sub.start_mark,
+                    )
             for sub in reversed(subs):  # earlier mappings in the list win: they go last
                 merge.extend(self._pairs(sub, depth + 1)[0])
                 self._nodes += len(sub.value)
@@ -660,8 +688,16 @@ def read(path: str | Path) -> str:
         raise ConfigError([Problem(file, 0, "file", e.strerror or str(e))]) from None
     if len(raw) > MAX_FILE_BYTES:
         what = f"{size} bytes" if size > MAX_FILE_BYTES else "more bytes"  # a pipe or device has no size
-        raise ConfigError([Problem(file, 0, "file", f"{what}, larger than the limit of {MAX_FILE_BYTES} bytes "
-                                                    f"({MAX_FILE_BYTES // 2**20} MiB)")])
+        raise ConfigError(
+            [
+                Problem(
+                    file,
+                    0,
+                    "file",
+                    f"{what}, larger than the limit of {MAX_FILE_BYTES} bytes ({MAX_FILE_BYTES // 2**20} MiB)",
+                )
+            ]
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -701,9 +737,13 @@ def parse(text: str, file: str = "<string>") -> Config:
     except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, other controls)
         position = e.position if isinstance(e.position, int) else 0
         char = chr(e.character) if isinstance(e.character, int) else e.character  # libyaml: a code point
-        fail(text.count("\n", 0, position) + 1, "yaml",
-             f"character {char!r} (U+{ord(char):04X}) is not allowed in YAML" if isinstance(char, str) and len(char) == 1
-             else (e.reason or "a character YAML does not allow"))
+        fail(
+            text.count("\n", 0, position) + 1,
+            "yaml",
+            f"character {char!r} (U+{ord(char):04X}) is not allowed in YAML"
+            if isinstance(char, str) and len(char) == 1
+            else (e.reason or "a character YAML does not allow"),
+        )
     except yaml.YAMLError as e:
         fail(0, "yaml", str(e))
     except UnicodeEncodeError:  # lone surrogates: only from a caller's str, read() decodes strictly
@@ -716,8 +756,9 @@ def parse(text: str, file: str = "<string>") -> Config:
         fail(0, "file", "nested too deeply")
     if not isinstance(tree.data, dict):
         what = "empty" if tree.data is None else f"a {type(tree.data).__name__}"
-        raise ConfigError(tree.problems + [
-            Problem(file, 1, "(top)", f"file is {what}; expected a mapping with a 'pools' list")])
+        raise ConfigError(
+            tree.problems + [Problem(file, 1, "(top)", f"file is {what}; expected a mapping with a 'pools' list")]
+        )
     config, problems = _validate(tree.data, tree)
     problems = tree.problems + problems
     if problems:
@@ -767,33 +808,70 @@ def _validate(data: dict, tree) -> tuple[Config | None, list[Problem]]:
             h = config.health_of(pool)
             if h is not None and h.timeout > h.interval:
                 loc = ("pools", i, "health")
-                problems.append(Problem(file, tree.line(loc), _field(loc),
-                                        f"timeout ({h.timeout:g}s) must not exceed interval ({h.interval:g}s)"))
+                problems.append(
+                    Problem(
+                        file,
+                        tree.line(loc),
+                        _field(loc),
+                        f"timeout ({h.timeout:g}s) must not exceed interval ({h.interval:g}s)",
+                    )
+                )
             if isinstance(pool.health, HealthOverride) and pool.health.path and pool.mode != "dnat":
                 loc = ("pools", i, "health", "path")
-                problems.append(Problem(file, tree.line(loc), _field(loc),
-                                        "path probes are for mode: dnat (masquerade backends answer the "
-                                        "gateway's own address, which the plain probe already uses)"))
+                problems.append(
+                    Problem(
+                        file,
+                        tree.line(loc),
+                        _field(loc),
+                        "path probes are for mode: dnat (masquerade backends answer the "
+                        "gateway's own address, which the plain probe already uses)",
+                    )
+                )
             elif h is not None and h.path and pool.vip.version not in {a.version for a in config.health.path_source}:
                 loc = ("health", "path_source")
-                problems.append(Problem(file, tree.line(loc), _field(loc),
-                                        f"pool {pool.name} is probed by its clients' path and needs an "
-                                        f"IPv{pool.vip.version} path_source"))
+                problems.append(
+                    Problem(
+                        file,
+                        tree.line(loc),
+                        _field(loc),
+                        f"pool {pool.name} is probed by its clients' path and needs an "
+                        f"IPv{pool.vip.version} path_source",
+                    )
+                )
             if pool.persistence and pool.vip.version == 6:
                 loc = ("pools", i, "persistence")
-                problems.append(Problem(file, tree.line(loc), _field(loc),
-                                        "persistence is for IPv4 pools: nft 1.0.6 cannot keep an IPv6 client with its "
-                                        "backend in a dynamic map (use scheduler: source-hash to keep clients together)"))
+                problems.append(
+                    Problem(
+                        file,
+                        tree.line(loc),
+                        _field(loc),
+                        "persistence is for IPv4 pools: nft 1.0.6 cannot keep an IPv6 client with its "
+                        "backend in a dynamic map (use scheduler: source-hash to keep clients together)",
+                    )
+                )
             if pool.table_size is not None and pool.table_size < len(pool.backends):
                 loc = ("pools", i, "table_size")
-                problems.append(Problem(file, tree.line(loc), _field(loc),
-                                        f"{pool.table_size} slots cannot hold {len(pool.backends)} backends"))
+                problems.append(
+                    Problem(
+                        file,
+                        tree.line(loc),
+                        _field(loc),
+                        f"{pool.table_size} slots cannot hold {len(pool.backends)} backends",
+                    )
+                )
         taken = {p.vip for p in config.pools} | {b.address for p in config.pools for b in p.backends}
         for a in config.health.path_source:
             if a in taken:
                 loc = ("health", "path_source")
-                problems.append(Problem(file, tree.line(loc), _field(loc), f"{a} is a VIP or a backend here; a "
-                                        "path source must be an address no client, VIP or backend has"))
+                problems.append(
+                    Problem(
+                        file,
+                        tree.line(loc),
+                        _field(loc),
+                        f"{a} is a VIP or a backend here; a "
+                        "path source must be an address no client, VIP or backend has",
+                    )
+                )
     return config, problems
 
 
@@ -809,11 +887,11 @@ class _Partial:
     backends: list[tuple[int, Backend]]  # (index, backend) for the backends that are valid by themselves
 
     @classmethod
-    def from_pool(cls, pool: "Pool") -> "_Partial":
+    def from_pool(cls, pool: Pool) -> _Partial:
         return cls(pool.name, pool.vip, pool.port, pool.protocol, pool.mode, list(enumerate(pool.backends)))
 
     @classmethod
-    def of(cls, raw: Any) -> "_Partial":
+    def of(cls, raw: Any) -> _Partial:
         if not isinstance(raw, dict):
             return cls(None, None, None, None, None, [])
         try:
@@ -860,19 +938,27 @@ def _cross_check(pools: list[_Partial], tree: _Tree) -> list[Problem]:
         if None not in service:
             first = services.setdefault(service, ("pools", i, "vip"))
             if first[1] != i:
-                problem(("pools", i, "vip"), f"{_endpoint(pool.vip, pool.port)}/{pool.protocol} is already served "
-                        f"by the pool on line {tree.line(first)}")
+                problem(
+                    ("pools", i, "vip"),
+                    f"{_endpoint(pool.vip, pool.port)}/{pool.protocol} is already served "
+                    f"by the pool on line {tree.line(first)}",
+                )
         seen: dict[tuple, tuple] = {}
         for j, b in pool.backends:
             loc = ("pools", i, "backends", j)
             if pool.vip is not None and b.address.version != pool.vip.version:
-                problem(loc, f"IPv{b.address.version} backend {b.address} in a pool whose vip {pool.vip} "
-                        f"is IPv{pool.vip.version}")
+                problem(
+                    loc,
+                    f"IPv{b.address.version} backend {b.address} in a pool whose vip {pool.vip} "
+                    f"is IPv{pool.vip.version}",
+                )
             if b.port is None:
                 continue
             first = seen.setdefault(b.key, loc)
             if first is not loc:
-                problem(loc, f"backend {_endpoint(b.address, b.port)} is listed twice (first on line {tree.line(first)})")
+                problem(
+                    loc, f"backend {_endpoint(b.address, b.port)} is listed twice (first on line {tree.line(first)})"
+                )
     return out
 
 

@@ -22,11 +22,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
-from nftlb import __version__, diff as difflib_, maglev, model, plan as planlib, render, state, update
+from nftlb import __version__, maglev, model, render, state, update
+from nftlb import diff as difflib_
+from nftlb import plan as planlib
 from nftlb.backend import Backend
 from nftlb.errors import KernelError, StateError, UsageError
 from nftlb.model import DEFAULT_TABLE
@@ -46,8 +48,7 @@ def status_of(state_dir: Path, applied: state.Applied | None) -> planlib.Status:
     overrides = state.read_doc(state_dir, state.OVERRIDES) or {}
     down = {tuple(k.split("|", 1)) for k, v in health.get("backends", {}).items() if not v.get("up", True)}
     last = planlib.Status.from_dict(applied.status).last if applied else {}
-    return planlib.Status(down=frozenset(down), drained=frozenset(map(tuple, overrides.get("drained", []))),
-                          last=last)
+    return planlib.Status(down=frozenset(down), drained=frozenset(map(tuple, overrides.get("drained", []))), last=last)
 
 
 @dataclass
@@ -132,13 +133,22 @@ class Live:
 def inspect(nft: Backend, applied: state.Applied | None, table: str) -> Live:
     if applied is None or applied.table != table:
         if _exists(nft, table):
-            return Live(True, False, f"table inet {table} exists but the state dir has no record of nftlb "
-                                     "loading it; apply will replace it")
+            return Live(
+                True,
+                False,
+                f"table inet {table} exists but the state dir has no record of nftlb loading it; apply will replace it",
+            )
         return Live(False, False, None)
     if applied.version != __version__:
         exists = _exists(nft, table)
-        return Live(exists, False, f"table inet {table} was loaded by nftlb {applied.version}; "
-                                   f"this is {__version__}: apply will reload it whole" if exists else None)
+        return Live(
+            exists,
+            False,
+            f"table inet {table} was loaded by nftlb {applied.version}; "
+            f"this is {__version__}: apply will reload it whole"
+            if exists
+            else None,
+        )
     if applied.generation is not None and nft.generation() == applied.generation:
         return Live(True, True, None)  # nothing committed since nftlb's own last commit
     if applied.snapshot is not None:
@@ -151,20 +161,30 @@ def inspect(nft: Backend, applied: state.Applied | None, table: str) -> Live:
         return Live(True, False, difflib_.drift_report(applied.snapshot, live))
     if not _exists(nft, table):
         return Live(False, False, f"table inet {table} was deleted outside nftlb")
-    return Live(True, False, f"nftables changed since nftlb's last commit (ruleset generation {applied.generation} "
-                             f"-> {nft.generation()}) and table inet {table} is too large to compare cheaply; "
-                             "apply will reload it whole")
+    return Live(
+        True,
+        False,
+        f"nftables changed since nftlb's last commit (ruleset generation {applied.generation} "
+        f"-> {nft.generation()}) and table inet {table} is too large to compare cheaply; "
+        "apply will reload it whole",
+    )
 
 
 def _diff(want: Desired, applied: state.Applied | None, live: Live) -> difflib_.Diff:
     """The operator's view: nftlb's rendering of what is live against the file's."""
     old = applied_plan(applied) if applied is not None and applied.table == want.plan.table and live.exists else None
     if old is not None:
-        when = datetime.fromtimestamp(applied.applied_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        when = datetime.fromtimestamp(applied.applied_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         base, label = render.ruleset(old), f"live: as loaded {when} from {applied.source}"
     else:
-        base, label = "", (f"live: no table inet {want.plan.table}" if not live.exists
-                           else f"live: table inet {want.plan.table}, origin unknown")
+        base, label = (
+            "",
+            (
+                f"live: no table inet {want.plan.table}"
+                if not live.exists
+                else f"live: table inet {want.plan.table}, origin unknown"
+            ),
+        )
     changes = difflib_.unified(base, want.script, label, f"{want.source} (rendered)")
     return difflib_.Diff(live.trusted and old == want.plan, changes, live.drift)
 
@@ -200,9 +220,17 @@ class Result:
         }
 
 
-def _commit(nft: Backend, state_dir: Path, want: Desired, old: planlib.Plan | None, *, check: bool = False,
-            retire: str | None = None, history_id: int | None = None,
-            believed: planlib.Plan | None = None) -> update.Changes | None:
+def _commit(
+    nft: Backend,
+    state_dir: Path,
+    want: Desired,
+    old: planlib.Plan | None,
+    *,
+    check: bool = False,
+    retire: str | None = None,
+    history_id: int | None = None,
+    believed: planlib.Plan | None = None,
+) -> update.Changes | None:
     """One transaction from `old` (None: unknown, replace the whole table) to `want`, then the
     record, then the conntrack entries the change leaves stale (`believed`: the plan believed
     live, also when the table is replaced whole)."""
@@ -225,12 +253,21 @@ def _commit(nft: Backend, state_dir: Path, want: Desired, old: planlib.Plan | No
     if elements(want.plan) <= SNAPSHOT_LIMIT:
         listing = nft.list(f"table inet {want.plan.table}")
         snapshot = difflib_.normalize(listing) if listing is not None else None
-    state.save(state_dir, state.Applied(
-        table=want.plan.table, applied_at=time.time(), source=want.source, source_text=want.source_text,
-        status=planlib.Status(want.status.down, want.status.drained, want.plan.last_in_use(want.status)).as_dict(),
-        generation=after if after == before + commits else None,  # someone else committed in between: unsure
-        snapshot=snapshot, backend=nft.name, version=__version__, history_id=history_id,
-    ))
+    state.save(
+        state_dir,
+        state.Applied(
+            table=want.plan.table,
+            applied_at=time.time(),
+            source=want.source,
+            source_text=want.source_text,
+            status=planlib.Status(want.status.down, want.status.drained, want.plan.last_in_use(want.status)).as_dict(),
+            generation=after if after == before + commits else None,  # someone else committed in between: unsure
+            snapshot=snapshot,
+            backend=nft.name,
+            version=__version__,
+            history_id=history_id,
+        ),
+    )
     reset = frozenset(p.name for p in want.config.pools if p.reset_on_down)
     clear_flows(nft, update.flows(believed if believed is not None else old, want.plan, reset))
     return changes
@@ -316,8 +353,16 @@ def _counted(state_dir: Path, run) -> Result:
     return result
 
 
-def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bool, started: float,
-           rollback_to: dict | None = None) -> Result:
+def _apply(
+    source: str,
+    text: str,
+    nft: Backend,
+    state_dir: Path,
+    *,
+    dry_run: bool,
+    started: float,
+    rollback_to: dict | None = None,
+) -> Result:
     applied = state.load(state_dir)
     want = _desired(source, text, status_of(state_dir, applied))
     table = want.plan.table
@@ -338,13 +383,26 @@ def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bo
             history_id, entry = rollback_to["id"], None
         elif applied is None or applied.source_text != text or applied.table != table or current is None:
             history_id = state.next_history_id(state_dir)
-            entry = {"applied_at": time.time(), "source": source, "table": table,
-                     "sha256": hashlib.sha256(text.encode()).hexdigest(), "summary": _summary_line(result),
-                     "source_text": text}
+            entry = {
+                "applied_at": time.time(),
+                "source": source,
+                "table": table,
+                "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                "summary": _summary_line(result),
+                "source_text": text,
+            }
         else:
             history_id, entry = current, None
-        changes = _commit(nft, state_dir, want, old, check=dry_run, retire=retire, history_id=history_id,
-                          believed=applied_plan(applied) if applied is not None and applied.table == table else None)
+        changes = _commit(
+            nft,
+            state_dir,
+            want,
+            old,
+            check=dry_run,
+            retire=retire,
+            history_id=history_id,
+            believed=applied_plan(applied) if applied is not None and applied.table == table else None,
+        )
         if entry is not None and not dry_run:
             state.add_history(state_dir, entry, history_id, after=current)
         touched = len(result.pools_added) + len(result.pools_removed) + len(result.pools_changed)
@@ -355,10 +413,19 @@ def _apply(source: str, text: str, nft: Backend, state_dir: Path, *, dry_run: bo
         history_id = rollback_to["id"] if rollback_to is not None else state.next_history_id(state_dir)
         state.save(state_dir, dataclasses.replace(applied, source=source, source_text=text, history_id=history_id))
         if rollback_to is None:
-            state.add_history(state_dir, {"applied_at": time.time(), "source": source, "table": table,
-                                          "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                                          "summary": _summary_line(result) + "; the table did not change",
-                                          "source_text": text}, history_id, after=applied.history_id)
+            state.add_history(
+                state_dir,
+                {
+                    "applied_at": time.time(),
+                    "source": source,
+                    "table": table,
+                    "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                    "summary": _summary_line(result) + "; the table did not change",
+                    "source_text": text,
+                },
+                history_id,
+                after=applied.history_id,
+            )
     result.seconds = time.monotonic() - started
     return result
 
@@ -376,8 +443,10 @@ def history(state_dir: Path) -> list[dict]:
     """The kept generations, newest first, without their file texts; `live` marks the one loaded."""
     applied = state.load(state_dir)
     current = applied.history_id if applied is not None else None
-    return [{k: v for k, v in e.items() if k != "source_text"} | {"live": e.get("id") == current}
-            for e in reversed(state.history(state_dir))]
+    return [
+        {k: v for k, v in e.items() if k != "source_text"} | {"live": e.get("id") == current}
+        for e in reversed(state.history(state_dir))
+    ]
 
 
 def rollback(nft: Backend, state_dir: Path, *, dry_run: bool = False) -> tuple[dict, Result]:
@@ -393,12 +462,20 @@ def rollback(nft: Backend, state_dir: Path, *, dry_run: bool = False) -> tuple[d
         current = applied.history_id if applied.history_id is not None else (entries[-1]["id"] if entries else 0)
         earlier = [e for e in entries if e["id"] < current]
         if not earlier:
-            raise UsageError(f"no generation before #{current} is kept in {state_dir / state.HISTORY} "
-                             f"(see `nftlb history`)")
+            raise UsageError(
+                f"no generation before #{current} is kept in {state_dir / state.HISTORY} (see `nftlb history`)"
+            )
         target = earlier[-1]
         _parse(target["source_text"], target["source"])  # a generation this nftlb cannot read stops here
-        run = lambda: _apply(target["source"], target["source_text"], nft, state_dir, dry_run=dry_run,  # noqa: E731
-                             started=started, rollback_to=target)
+        run = lambda: _apply(
+            target["source"],
+            target["source_text"],
+            nft,
+            state_dir,
+            dry_run=dry_run,
+            started=started,
+            rollback_to=target,
+        )
         result = run() if dry_run else _counted(state_dir, run)
         return {k: v for k, v in target.items() if k != "source_text"}, result
 
@@ -440,27 +517,52 @@ def refresh(nft: Backend, state_dir: Path, *, whole_table: bool = False) -> Refr
     return Refresh(changed if changes is not None else [p.name for p in want.plan.pools], changes is None, want.plan)
 
 
-def explain(path: str | Path, pool_name: str, state_dir: Path | None = None,
-            client: tuple[str, int | None] | None = None) -> dict:
+def explain(
+    path: str | Path, pool_name: str, state_dir: Path | None = None, client: tuple[str, int | None] | None = None
+) -> dict:
     """How a pool picks: its table, each backend's share, and where a given client goes."""
     want = desired(path, state_dir)
     p = want.plan.pool(pool_name)
     if p is None:
         raise UsageError(f"no pool {pool_name!r} in {path} (pools: {', '.join(x.name for x in want.plan.pools)})")
-    weights = {planlib.Endpoint(b.address, b.port): b.weight
-               for b in next(x for x in want.config.pools if x.name == pool_name).backends}
-    counts = {b: 0 for b in p.backends}
+    weights = {
+        planlib.Endpoint(b.address, b.port): b.weight
+        for b in next(x for x in want.config.pools if x.name == pool_name).backends
+    }
+    counts = dict.fromkeys(p.backends, 0)
     for b in p.slots:
         counts[b] += 1
     rows = []
     for b in p.backends:
-        state_ = ("down" if b in p.down else "drained" if b in p.draining else
-                  "backup" if b in p.backups and b not in p.active else "up")
-        rows.append({"backend": b.display, "weight": weights[b], "slots": counts[b],
-                     "share": counts[b] / len(p.slots) if p.slots else 0.0, "state": state_})
-    out = {"pool": p.name, "service": p.service, "scheduler": p.scheduler, "kind": p.kind or "refused",
-           "table_size": len(p.slots), "seed": want.plan.seed, "persistence": p.persistence,
-           "fallback": p.fallback, "backends": rows}
+        state_ = (
+            "down"
+            if b in p.down
+            else "drained"
+            if b in p.draining
+            else "backup"
+            if b in p.backups and b not in p.active
+            else "up"
+        )
+        rows.append(
+            {
+                "backend": b.display,
+                "weight": weights[b],
+                "slots": counts[b],
+                "share": counts[b] / len(p.slots) if p.slots else 0.0,
+                "state": state_,
+            }
+        )
+    out = {
+        "pool": p.name,
+        "service": p.service,
+        "scheduler": p.scheduler,
+        "kind": p.kind or "refused",
+        "table_size": len(p.slots),
+        "seed": want.plan.seed,
+        "persistence": p.persistence,
+        "fallback": p.fallback,
+        "backends": rows,
+    }
     if client is not None:
         address, sport = client
         if p.kind in ("hash", "srchash"):
@@ -471,8 +573,13 @@ def explain(path: str | Path, pool_name: str, state_dir: Path | None = None,
         elif p.kind == "direct":
             out["client"] = {"address": address, "port": sport, "slot": 0, "backend": p.slots[0].display}
         else:
-            out["client"] = {"address": address, "port": sport, "slot": None, "backend": None,
-                             "why": f"{p.scheduler} does not depend on the client"}
+            out["client"] = {
+                "address": address,
+                "port": sport,
+                "slot": None,
+                "backend": None,
+                "why": f"{p.scheduler} does not depend on the client",
+            }
     return out
 
 
@@ -480,11 +587,13 @@ def _find_backend(config: model.Config, pool_name: str, backend: str) -> str:
     """Resolve POOL BACKEND ("addr:port", "[v6]:port" or a bare address) to the backend's display name."""
     pool = next((p for p in config.pools if p.name == pool_name), None)
     if pool is None:
-        raise UsageError(f"no pool {pool_name!r} in the applied file (pools: {', '.join(p.name for p in config.pools)})")
+        raise UsageError(
+            f"no pool {pool_name!r} in the applied file (pools: {', '.join(p.name for p in config.pools)})"
+        )
     displays = [planlib.Endpoint(b.address, b.port).display for b in pool.backends]
     if backend in displays:
         return backend
-    by_address = [d for d, b in zip(displays, pool.backends) if str(b.address) == backend.strip("[]")]
+    by_address = [d for d, b in zip(displays, pool.backends, strict=True) if str(b.address) == backend.strip("[]")]
     if len(by_address) == 1:
         return by_address[0]
     raise UsageError(f"pool {pool_name} has no single backend {backend!r} (backends: {', '.join(displays)})")

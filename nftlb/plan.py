@@ -28,7 +28,9 @@ class Endpoint:
     def __post_init__(self):  # spelled once: a large plan formats hundreds of thousands of them
         text = str(self.address)
         object.__setattr__(self, "nft", f"{text} . {self.port}")  # in a concatenation: addr . port
-        object.__setattr__(self, "display", f"[{text}]:{self.port}" if self.address.version == 6 else f"{text}:{self.port}")
+        object.__setattr__(
+            self, "display", f"[{text}]:{self.port}" if self.address.version == 6 else f"{text}:{self.port}"
+        )
 
     # compared and hashed by their spelling, which is unique: much cheaper than ipaddress's
     def __eq__(self, other: object) -> bool:
@@ -50,14 +52,19 @@ class Status:
     last: dict[str, tuple[str, ...]] = field(default_factory=dict)  # pool -> backends last in use (keep-last)
 
     def as_dict(self) -> dict:
-        return {"down": sorted(map(list, self.down)), "drained": sorted(map(list, self.drained)),
-                "last": {k: list(v) for k, v in sorted(self.last.items())}}
+        return {
+            "down": sorted(map(list, self.down)),
+            "drained": sorted(map(list, self.drained)),
+            "last": {k: list(v) for k, v in sorted(self.last.items())},
+        }
 
     @classmethod
-    def from_dict(cls, doc: dict) -> "Status":
-        return cls(down=frozenset(map(tuple, doc.get("down", ()))),
-                   drained=frozenset(map(tuple, doc.get("drained", ()))),
-                   last={k: tuple(v) for k, v in doc.get("last", {}).items()})
+    def from_dict(cls, doc: dict) -> Status:
+        return cls(
+            down=frozenset(map(tuple, doc.get("down", ()))),
+            drained=frozenset(map(tuple, doc.get("drained", ()))),
+            last={k: tuple(v) for k, v in doc.get("last", {}).items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -166,14 +173,24 @@ def build(config: Config, status: Status = Status()) -> Plan:
     return Plan(table=config.table, seed=config.seed, pools=tuple(pools), path_sources=config.path_sources())
 
 
-_MEMO: dict[tuple, "PoolPlan"] = {}
+_MEMO: dict[tuple, PoolPlan] = {}
 
 
 def _identity(p: Pool) -> tuple:
     """Everything of a pool that its plan depends on (besides the status), hashable: the same
     pool read from two versions of a file is the same key."""
-    return (p.name, p.vip, p.port, p.protocol, p.scheduler, p.mode, p.persistence, p.table_size,
-            p.when_all_down, tuple((b.address, b.port, b.weight, b.state, b.backup) for b in p.backends))
+    return (
+        p.name,
+        p.vip,
+        p.port,
+        p.protocol,
+        p.scheduler,
+        p.mode,
+        p.persistence,
+        p.table_size,
+        p.when_all_down,
+        tuple((b.address, b.port, b.weight, b.state, b.backup) for b in p.backends),
+    )
 
 
 def _pool(pool: Pool, status: Status) -> PoolPlan:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jinja2
@@ -34,7 +34,7 @@ _ADDR = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){1,7}(?::
 _PART = rf"(?:{_ADDR}|[0-9]{{1,10}}|tcp|udp)"
 _CONCAT = rf"{_PART}(?: \. {_PART})*"
 _COMMENT = ' comment "[a-z][a-z0-9_-]{0,63}"'
-_ELEMENTS = re.compile(rf'(?:{_CONCAT}(?:{_COMMENT})?(?: : (?:goto [a-z][a-z0-9_-]{{0,63}}|{_CONCAT}))?\n)*')
+_ELEMENTS = re.compile(rf"(?:{_CONCAT}(?:{_COMMENT})?(?: : (?:goto [a-z][a-z0-9_-]{{0,63}}|{_CONCAT}))?\n)*")
 # The whole table's elements come from a plan check_plan() has checked field by field, and
 # there are hundreds of thousands of them (a 10,000-pool table: 310,000, and the shape above
 # takes a second for those): there the characters are checked, which is what keeps an element
@@ -191,8 +191,10 @@ def check_elements(name: object, items: object, *, shape: bool = True) -> None:
 def _one_line(word: object, what: str) -> str:
     """Text for a unit file: one line of printable characters (a newline would start a new directive)."""
     if type(word) is not str or any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in word):
-        raise RenderError(f"refusing to put {_show(word)} into a systemd unit as {what}: "
-                          "it holds a newline or another control character, or is not text")
+        raise RenderError(
+            f"refusing to put {_show(word)} into a systemd unit as {what}: "
+            "it holds a newline or another control character, or is not text"
+        )
     return word
 
 
@@ -227,7 +229,9 @@ def systemd_comment(text: str) -> str:
 
 def systemd_timespan(value: object) -> str:
     """A time span (OnUnitActiveSec=): digits, a point and a unit, nothing else."""
-    if type(value) is not str or not re.fullmatch(r"[0-9]{1,12}(?:\.[0-9]{1,12})?(?:e-?[0-9]{1,3})?(?:us|ms|s|min|h|d)?", value):
+    if type(value) is not str or not re.fullmatch(
+        r"[0-9]{1,12}(?:\.[0-9]{1,12})?(?:e-?[0-9]{1,3})?(?:us|ms|s|min|h|d)?", value
+    ):
         raise RenderError(f"refusing to put {_show(value)} into a systemd unit as a time span")
     return value
 
@@ -236,15 +240,18 @@ def systemd_directory(name: object) -> bool:
     """Can StateDirectory= name this directory (relative to /var/lib) as it is? Plain path
     characters only: it takes a whitespace-separated list, and since systemd 250 a `:` makes
     a symlink; otherwise the units use ReadWritePaths= with the quoted absolute path."""
-    return type(name) is str and bool(re.fullmatch(r"[A-Za-z0-9_.+-]+(?:/[A-Za-z0-9_.+-]+)*", name)) \
+    return (
+        type(name) is str
+        and bool(re.fullmatch(r"[A-Za-z0-9_.+-]+(?:/[A-Za-z0-9_.+-]+)*", name))
         and not any(part in (".", "..") for part in name.split("/"))
+    )
 
 
 def _raise(message: str):
     raise RenderError(message)
 
 
-@lru_cache(maxsize=None)
+@cache
 def environment(directory: str | None = None) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(directory or template_dir()),
@@ -304,8 +311,12 @@ def update(table: str, seed: int, changes) -> str:
         ident(name)
         check_pool(p)
     for f, proto, secs in changes.add_sticky:
-        if f not in ("4", "6") or proto not in ("tcp", "udp") or type(secs) is not int \
-                or not 1 <= secs <= _MAX_PERSISTENCE:
+        if (
+            f not in ("4", "6")
+            or proto not in ("tcp", "udp")
+            or type(secs) is not int
+            or not 1 <= secs <= _MAX_PERSISTENCE
+        ):
             raise RenderError(f"refusing to render {_show((f, proto, secs))} as a persistence map")
     if changes.remember is not None:
         check_plan(changes.remember)

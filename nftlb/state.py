@@ -250,8 +250,9 @@ def watch_lock(state_dir: Path, *, once: bool = False, timeout: float = 30.0) ->
     return fd
 
 
-def bump_stats(state_dir: Path, *, applied: bool = False, failed: bool = False,
-               transitions: list[tuple[str, str, bool]] = ()) -> None:
+def bump_stats(
+    state_dir: Path, *, applied: bool = False, failed: bool = False, transitions: list[tuple[str, str, bool]] = ()
+) -> None:
     """Count an apply (successful or failed) and health transitions (pool, backend, up) in
     stats.json, under a lock of its own: the watcher and the CLI both count."""
     fd = _flock(Path(state_dir) / "stats.lock", 10.0, f"cannot lock {state_dir}/stats.lock")

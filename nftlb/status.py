@@ -15,10 +15,12 @@ import json
 import time
 from pathlib import Path
 
-from nftlb import ops, plan as planlib, state
+from nftlb import ops, state
+from nftlb import plan as planlib
 from nftlb.backend import Backend
 from nftlb.conntrack import Tool
 from nftlb.errors import StateError
+
 
 def _addr(text: str) -> str:
     return str(ipaddress.ip_address(text))
@@ -73,7 +75,7 @@ def collect(nft: Backend, state_dir: Path, *, conntrack: str | None = None, now:
     stats = state.read_doc(state_dir, state.STATS) or {}
     checked = [r.get("checked") for r in records.values() if r.get("checked")]
     pools = []
-    for p, cp in zip(plan.pools, config.pools):
+    for p, cp in zip(plan.pools, config.pools, strict=True):
         h = config.health_of(cp)
         probe = None if h is None else "path" if h.path else "tcp"  # how the watcher probes them
         by_backend = {planlib.Endpoint(b.address, b.port): b for b in cp.backends}
@@ -83,33 +85,55 @@ def collect(nft: Backend, state_dir: Path, *, conntrack: str | None = None, now:
             conf = by_backend[b]
             rec = records.get(f"{p.name}|{b.display}")
             traffic = counts["traffic"].get(key, {})
-            rows.append({
-                "backend": b.display,
-                "configured": "drain" if conf.state == "drain" else "backup" if conf.backup else "active",
-                "drained_by_operator": (p.name, b.display) in drained,
-                "serving": b in p.slots,  # takes new connections now
-                "health": None if rec is None else {
-                    "up": rec.get("up", True), "since": rec.get("since") or None,
-                    "last_probe": rec.get("checked"), "last_error": rec.get("error") or None,
-                    "latency_seconds": rec.get("latency")},
-                "connections": counts["conns"].get(key, {}).get("packets", 0),
-                "packets": traffic.get("packets", 0),
-                "bytes": traffic.get("bytes", 0),
-                "open": None if opened is None else opened.get(key, 0),
-            })
-        pools.append({"name": p.name, "vip": str(p.vip), "port": p.port, "protocol": p.protocol,
-                      "service": p.service, "scheduler": p.scheduler, "mode": p.mode,
-                      "state": "serving" if p.slots else "refusing", "fallback": p.fallback or None,
-                      "probe": probe,
-                      "backends": rows})
+            rows.append(
+                {
+                    "backend": b.display,
+                    "configured": "drain" if conf.state == "drain" else "backup" if conf.backup else "active",
+                    "drained_by_operator": (p.name, b.display) in drained,
+                    "serving": b in p.slots,  # takes new connections now
+                    "health": None
+                    if rec is None
+                    else {
+                        "up": rec.get("up", True),
+                        "since": rec.get("since") or None,
+                        "last_probe": rec.get("checked"),
+                        "last_error": rec.get("error") or None,
+                        "latency_seconds": rec.get("latency"),
+                    },
+                    "connections": counts["conns"].get(key, {}).get("packets", 0),
+                    "packets": traffic.get("packets", 0),
+                    "bytes": traffic.get("bytes", 0),
+                    "open": None if opened is None else opened.get(key, 0),
+                }
+            )
+        pools.append(
+            {
+                "name": p.name,
+                "vip": str(p.vip),
+                "port": p.port,
+                "protocol": p.protocol,
+                "service": p.service,
+                "scheduler": p.scheduler,
+                "mode": p.mode,
+                "state": "serving" if p.slots else "refusing",
+                "fallback": p.fallback or None,
+                "probe": probe,
+                "backends": rows,
+            }
+        )
     return {
-        "table": applied.table, "live": live, "source": applied.source, "applied_at": applied.applied_at,
+        "table": applied.table,
+        "live": live,
+        "source": applied.source,
+        "applied_at": applied.applied_at,
         "health_checked_at": max(checked) if checked else None,
         "conntrack": opened is not None,
-        "applies": stats.get("applies", 0), "apply_failures": stats.get("apply_failures", 0),
+        "applies": stats.get("applies", 0),
+        "apply_failures": stats.get("apply_failures", 0),
         "last_apply_success": stats.get("last_apply_success"),
         "transitions": stats.get("transitions", {}),
-        "now": now, "pools": pools,
+        "now": now,
+        "pools": pools,
     }
 
 
@@ -144,23 +168,40 @@ def text(doc: dict) -> str:
     now = doc["now"]
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(doc["applied_at"]))
     head = f"table inet {doc['table']}" + ("" if doc["live"] else " (NOT LOADED: run `nftlb apply`)")
-    lines = [f"{head}, applied {when} from {doc['source']}; health "
-             + (f"checked {_ago(doc['health_checked_at'], now)} ago" if doc["health_checked_at"] else "not watched")]
+    lines = [
+        f"{head}, applied {when} from {doc['source']}; health "
+        + (f"checked {_ago(doc['health_checked_at'], now)} ago" if doc["health_checked_at"] else "not watched")
+    ]
     if not doc["conntrack"]:
         lines.append("open connections unknown: the conntrack tool is not installed")
     for p in doc["pools"]:
         lines.append("")
-        lines.append(f"pool {p['name']}  {p['service']}  {p['scheduler']}  {p['mode']}  {p['state']}"
-                     + (f" (fallback: {p['fallback']})" if p["fallback"] else "")
-                     + ("  probed by the clients' path" if p["probe"] == "path" else ""))
-        cells = [(b["backend"], b["configured"] + ("*" if b["drained_by_operator"] else ""),
-                  "yes" if b["serving"] else "no", _health(b["health"], now), str(b["connections"]),
-                  _size(b["bytes"]), "-" if b["open"] is None else str(b["open"])) for b in p["backends"]]
+        lines.append(
+            f"pool {p['name']}  {p['service']}  {p['scheduler']}  {p['mode']}  {p['state']}"
+            + (f" (fallback: {p['fallback']})" if p["fallback"] else "")
+            + ("  probed by the clients' path" if p["probe"] == "path" else "")
+        )
+        cells = [
+            (
+                b["backend"],
+                b["configured"] + ("*" if b["drained_by_operator"] else ""),
+                "yes" if b["serving"] else "no",
+                _health(b["health"], now),
+                str(b["connections"]),
+                _size(b["bytes"]),
+                "-" if b["open"] is None else str(b["open"]),
+            )
+            for b in p["backends"]
+        ]
         head = ("backend", "config", "serving", "health", "conns", "bytes", "open")
         widths = [max(len(row[i]) for row in [head, *cells]) for i in range(len(head))]
         for row in [head, *cells]:
-            lines.append("  " + "  ".join(c.ljust(w) if i < 4 else c.rjust(w)
-                                          for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+            lines.append(
+                "  "
+                + "  ".join(
+                    c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                ).rstrip()
+            )
     if any(b["drained_by_operator"] for p in doc["pools"] for b in p["backends"]):
         lines.append("\n* drained with `nftlb drain` (undo: `nftlb enable POOL BACKEND`)")
     return "\n".join(lines) + "\n"

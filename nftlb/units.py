@@ -24,8 +24,13 @@ def executable() -> str:
 def render_units(config: Path, state_dir: Path, every: str = "10s") -> dict[str, str]:
     state_dir = Path(state_dir).resolve()
     under = state_dir.relative_to("/var/lib") if state_dir.is_relative_to("/var/lib") else None
-    context = {"exe": executable(), "config": str(Path(config).resolve()), "state_dir": str(state_dir),
-               "state_directory": str(under) if under and str(under) != "." else "", "every": every}
+    context = {
+        "exe": executable(),
+        "config": str(Path(config).resolve()),
+        "state_dir": str(state_dir),
+        "state_directory": str(under) if under and str(under) != "." else "",
+        "every": every,
+    }
     env = render.environment()
     return {name: env.get_template(f"{name}.j2").render(**context) for name in UNITS}
 

@@ -29,9 +29,20 @@ class Changes:
     add_elements: list[tuple[str, list[str]]] = field(default_factory=list)  # (set or map, elements)
 
     def __bool__(self) -> bool:
-        return any((self.delete_elements, self.flush_chains, self.delete_chains, self.delete_maps,
-                    self.delete_sets, self.add_sticky, self.add_chains, self.remember, self.add_elements,
-                    self.path_probes))
+        return any(
+            (
+                self.delete_elements,
+                self.flush_chains,
+                self.delete_chains,
+                self.delete_maps,
+                self.delete_sets,
+                self.add_sticky,
+                self.add_chains,
+                self.remember,
+                self.add_elements,
+                self.path_probes,
+            )
+        )
 
 
 def _chains(plan: Plan) -> dict[str, PoolPlan]:

@@ -13,10 +13,11 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from nftlb import health, ops, plan as planlib, state
+from nftlb import health, ops, state
+from nftlb import plan as planlib
 from nftlb.backend import Backend
 from nftlb.errors import ConfigError, NftlbError
 
@@ -25,11 +26,18 @@ SAVE_EVERY = 10.0  # seconds between health.json writes when only probe times ch
 
 
 class Watcher:
-    def __init__(self, nft: Backend, state_dir: Path, *, probe: health.Probe = health.tcp_probe,
-                 path_probe: health.Probe | None = None,
-                 concurrency: int = 256, monotonic: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time,
-                 observe: Callable[[bool, float], None] | None = None):
+    def __init__(
+        self,
+        nft: Backend,
+        state_dir: Path,
+        *,
+        probe: health.Probe = health.tcp_probe,
+        path_probe: health.Probe | None = None,
+        concurrency: int = 256,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        observe: Callable[[bool, float], None] | None = None,
+    ):
         self.nft, self.state_dir, self.probe = nft, Path(state_dir), probe
         # `health: path` backends: by the clients' path, and when that fails, `probe` says why
         self.path_probe = path_probe or health.by_path(health.path_probe, probe)
@@ -91,7 +99,7 @@ class Watcher:
                     result = await (self.path_probe if t.path else self.probe)(t.address, t.port, t.health.timeout)
                 except asyncio.CancelledError:
                     raise
-                except Exception as e:  # noqa: BLE001 - whatever a target does, it is a failed probe
+                except Exception as e:
                     result = (False, f"probe error: {type(e).__name__}: {e}", None)
                 if self.observe is not None:
                     self.observe(result[0], time.monotonic() - started)
@@ -123,8 +131,9 @@ class Watcher:
             (log.info if t.up else log.warning)("%s", t)
         if transitions:
             try:
-                state.bump_stats(self.state_dir, transitions=[(t.target.pool, t.target.backend, t.up)
-                                                              for t in transitions])
+                state.bump_stats(
+                    self.state_dir, transitions=[(t.target.pool, t.target.backend, t.up) for t in transitions]
+                )
             except NftlbError as e:
                 log.error("cannot count transitions: %s", e)
         if not transitions and not self.retry_whole_table:
@@ -153,9 +162,13 @@ class Watcher:
     @staticmethod
     def _essence(doc: dict) -> dict:
         """What must reach the disk at once: all but probe times and latencies."""
-        return {"retry_whole_table": bool(doc.get("retry_whole_table")),
-                "backends": {k: {f: v for f, v in r.items() if f not in ("checked", "latency")}
-                             for k, r in (doc.get("backends") or {}).items()}}
+        return {
+            "retry_whole_table": bool(doc.get("retry_whole_table")),
+            "backends": {
+                k: {f: v for f, v in r.items() if f not in ("checked", "latency")}
+                for k, r in (doc.get("backends") or {}).items()
+            },
+        }
 
     def _save(self, force: bool = False) -> None:
         """health.json: at once when a state changes, else at most every SAVE_EVERY seconds."""
@@ -181,11 +194,15 @@ class Watcher:
             if not p.slots:
                 log.error("pool %s: no backend up; refusing new connections to %s", name, p.service)
             elif p.fallback == "keep-last":
-                log.error("pool %s: ALL BACKENDS DOWN; keep-last leaves %s in place", name,
-                          ", ".join(b.display for b in p.active))
+                log.error(
+                    "pool %s: ALL BACKENDS DOWN; keep-last leaves %s in place",
+                    name,
+                    ", ".join(b.display for b in p.active),
+                )
             elif p.fallback == "backups":
-                log.warning("pool %s: no primary up; serving from backups %s", name,
-                            ", ".join(b.display for b in p.active))
+                log.warning(
+                    "pool %s: no primary up; serving from backups %s", name, ", ".join(b.display for b in p.active)
+                )
 
     def close(self) -> None:
         """On the way out: the gateway's conntrack entries of path probes go (they would time out
@@ -215,8 +232,12 @@ class Watcher:
         self._save(force=True)  # the next run starts from this round's streaks and times
         return ok
 
-    async def run(self, stop: asyncio.Event, reload: Callable[[], None] | None = None,
-                  reload_requested: asyncio.Event | None = None) -> None:
+    async def run(
+        self,
+        stop: asyncio.Event,
+        reload: Callable[[], None] | None = None,
+        reload_requested: asyncio.Event | None = None,
+    ) -> None:
         """Probe each backend every `interval` until `stop` is set."""
         while not stop.is_set():
             if reload_requested is not None and reload_requested.is_set():
@@ -244,15 +265,21 @@ def serve(file: Path, nft: Backend, state_dir: Path, *, metrics_at: str | None =
     fd = state.watch_lock(state_dir)
     try:
         if metrics_at is not None:
-            from nftlb import backend as backends, metrics  # prometheus-client only when asked
+            from nftlb import backend as backends  # prometheus-client only when asked
+            from nftlb import metrics
 
             reg = metrics.registry(lambda: backends.make(nft.name), state_dir)
             histogram = metrics.probe_histogram(reg)
             kw["observe"] = lambda ok, seconds: histogram.labels("ok" if ok else "failed").observe(seconds)
             metrics.serve(reg, metrics_at)
         r = ops.apply(file, nft, state_dir)
-        log.info("nftlb watch (pid %d): %s table inet %s from %s", os.getpid(),
-                 "applied" if r.action == "applied" else "in sync:", r.summary["table"], file)
+        log.info(
+            "nftlb watch (pid %d): %s table inet %s from %s",
+            os.getpid(),
+            "applied" if r.action == "applied" else "in sync:",
+            r.summary["table"],
+            file,
+        )
         watcher = Watcher(nft, state_dir, **kw)
 
         def reload() -> None:
