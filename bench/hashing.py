@@ -158,10 +158,10 @@ from fractions import Fraction  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)  # nftlb.maglev: the kernel's jhash, for the flow-by-flow prediction
-from nftlb import maglev  # noqa: E402
-
 import sandbox  # noqa: E402  (bench/sandbox.py: namespaces, processes, cleanup)
 from sandbox import BenchError, delete_namespaces, list_netns, log, nsexec  # noqa: E402
+
+from nftlb import maglev  # noqa: E402
 
 NFT = shutil.which("nft") or "/usr/sbin/nft"
 CONNTRACK = shutil.which("conntrack") or "/usr/sbin/conntrack"

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from integration.lab import IP, PROCESS_PREFIX, _run
-from nftlb import model, ops
+from nftlb import ops, schema
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -122,7 +123,7 @@ def test_nftlb_apply_in_a_namespace(netns, data):
     first = data.draw(valid_configs(max_pools=4))
     second = data.draw(valid_configs(max_pools=4))
     second["table"] = first["table"]  # the same table: the second apply is a small transaction
-    second["seed"] = first.get("seed", model.DEFAULT_SEED)
+    second["seed"] = first.get("seed", schema.DEFAULT_SEED)
     backend = data.draw(st.sampled_from(["libnftables", "nft"]))
     with tempfile.TemporaryDirectory(prefix="nftlb-fuzz-") as tmp:
         state_dir, a, b = Path(tmp) / "state", Path(tmp) / "a.yaml", Path(tmp) / "b.json"

@@ -7,13 +7,10 @@ with their backend until that backend goes.
 
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
 
 from integration.test_apply import VIP, VIP6, Gateway, pool
-from integration.test_watch import HEALTH, WatchProcess, wait_for
+from integration.test_watch import HEALTH, WatchProcess
 from nftlb import ops
 
 NAME = {"10.0.0.11": "b1", "10.0.0.12": "b2", "10.0.0.13": "b3", "fd00:b::11": "b1", "fd00:b::12": "b2",

@@ -22,7 +22,8 @@ import pytest
 
 from integration.lab import LabTimeout, _LineReader
 from integration.test_apply import NFTLB, VIP, Gateway, pool
-from integration.test_watch import FALL, HEALTH, INTERVAL, TIMEOUT as PROBE_TIMEOUT, WatchProcess, wait_for
+from integration.test_watch import FALL, HEALTH, INTERVAL, WatchProcess, wait_for
+from integration.test_watch import TIMEOUT as PROBE_TIMEOUT
 from nftlb import ops
 
 CLIENT = "192.0.2.2"

@@ -22,10 +22,10 @@ FILE = (f"health: {{interval: {INTERVAL}, timeout: {TIMEOUT}, rise: 2, fall: {FA
 
 PROBES = """
 import asyncio, json, sys
-from nftlb import health
+from nftlb import probes
 address = sys.argv[1]
 out = {}
-for name, probe in (("plain", health.tcp_probe), ("path", health.path_probe)):
+for name, probe in (("plain", probes.tcp_probe), ("path", probes.path_probe)):
     ok, detail, _ = asyncio.run(probe(address, 8080, 0.5))
     out[name] = "up" if ok else detail
 print(json.dumps(out))

@@ -2,7 +2,7 @@
 reject, a server that accepts and closes at once, one that listens but never accepts
 (with room in its accept queue, and with none), and one that flaps every second.
 
-`health.tcp_probe` gives each its verdict within the timeout (+0.5 s), and a watcher
+`probes.tcp_probe` gives each its verdict within the timeout (+0.5 s), and a watcher
 process (`nftlb watch FILE`) runs through all of them at once, taking down exactly the
 ones that do not answer, and following the flapping one both ways.
 """
@@ -71,13 +71,13 @@ FIREWALL = f"""table inet faults {{
 # Probes each kind in turn with nftlb's own prober, inside the gateway; one JSON line per probe.
 PROBE = """
 import asyncio, json, sys, time
-from nftlb import health
+from nftlb import probes
 address, timeout = sys.argv[1], float(sys.argv[2])
 async def main():
     for arg in sys.argv[3:]:
         kind, port = arg.split("=")
         started = time.monotonic()
-        ok, detail, latency = await health.tcp_probe(address, int(port), timeout)
+        ok, detail, latency = await probes.tcp_probe(address, int(port), timeout)
         print(json.dumps({"kind": kind, "ok": ok, "detail": detail, "seconds": time.monotonic() - started}))
 asyncio.run(main())
 """

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from nftlb import __version__, model, ops, state, units
+from nftlb import __version__, ops, pools_file, schema, state, units
 from nftlb import backend as backends
 from nftlb import plan as planlib
 from nftlb import watch as watcher
@@ -126,7 +126,7 @@ def validate(file: FileArg, as_json: JsonOpt = False) -> None:
       nftlb validate /etc/nftlb/pools.yaml
     """
     _Opts.json = as_json
-    config = model.load(file)
+    config = pools_file.load(file)
     s = ops.summary(planlib.build(config))
     _out(
         as_json,
@@ -359,9 +359,9 @@ def systemd(
       nftlb systemd /etc/nftlb/pools.yaml --install
       systemctl daemon-reload && systemctl enable --now nftlb-watch.service
     """
-    model.load(file)
+    pools_file.load(file)
     try:
-        period = model.duration(every)
+        period = schema.duration(every)
     except ValueError as e:
         raise UsageError(f"--every: {e}") from None
     rendered = units.render_units(file, state_dir, every=f"{period:g}s")
@@ -545,7 +545,7 @@ def doctor(
     from nftlb import doctor as doctorlib
 
     _Opts.json = as_json
-    config = model.load(file) if file is not None else None
+    config = pools_file.load(file) if file is not None else None
     try:
         nft = _kernel(backend)
     except NftlbError:
@@ -559,8 +559,8 @@ def doctor(
 
 def _client(text: str) -> tuple[str, int | None]:
     try:
-        parsed = model._parse_short(text)
-        model._address(parsed["address"], "client")
+        parsed = schema._parse_short(text)
+        schema._address(parsed["address"], "client")
     except ValueError as e:
         raise UsageError(f"--client {text!r}: {e}") from None
     return parsed["address"].strip("[]"), parsed.get("port")

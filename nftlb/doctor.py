@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from nftlb import backend, model
+from nftlb import backend, schema
 from nftlb import plan as planlib
 from nftlb.errors import KernelError
 
@@ -159,7 +159,7 @@ def _examples(items: list, most: int = 3) -> str:
     return ", ".join(map(str, items[:most])) + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
-def _forwarding(proc: Path, version: int, pools: list[model.Pool] | None, local: dict[Address, str]) -> Check:
+def _forwarding(proc: Path, version: int, pools: list[schema.Pool] | None, local: dict[Address, str]) -> Check:
     name, key, rel = (
         ("ip_forward", "net.ipv4.ip_forward", "sys/net/ipv4/ip_forward")
         if version == 4
@@ -220,7 +220,7 @@ def _rp_filter(proc: Path) -> Check:
     return Check("rp_filter", "ok", f"loose or off on every interface (all = {top})")
 
 
-def _conntrack(proc: Path, pools: list[model.Pool] | None) -> Check:
+def _conntrack(proc: Path, pools: list[schema.Pool] | None) -> Check:
     base = proc / "sys/net/netfilter"
     count, top = _read(base / "nf_conntrack_count"), _read(base / "nf_conntrack_max")
     if count is None or top is None:
@@ -333,7 +333,7 @@ def _refusal(vip: Address, where: str, protocols: set[str], proc: Path) -> Check
     )
 
 
-def _path_probes(config: model.Config, local: dict[Address, str]) -> list[Check]:
+def _path_probes(config: schema.Config, local: dict[Address, str]) -> list[Check]:
     """Path probes leave from each path source: it must not be on a link of this box (backends
     there would look for it on the link, not route it back through the gateway), and no policy
     routing rule may catch the probes' socket mark."""
@@ -387,7 +387,7 @@ def _endpoint(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def _listeners(pools: list[model.Pool], local_vips: set[Address]) -> list[Check]:
+def _listeners(pools: list[schema.Pool], local_vips: set[Address]) -> list[Check]:
     try:
         socks = psutil.net_connections(kind="inet")
     except (psutil.Error, OSError) as e:
@@ -427,7 +427,7 @@ def _listeners(pools: list[model.Pool], local_vips: set[Address]) -> list[Check]
     return out or [Check("listeners", "ok", "no local process listens on a pool's VIP:port")]
 
 
-def run(config: model.Config | None, nft: backend.Backend | None, *, proc: Path = Path("/proc")) -> list[Check]:
+def run(config: schema.Config | None, nft: backend.Backend | None, *, proc: Path = Path("/proc")) -> list[Check]:
     """Every check, in a fixed order; `config` None skips the per-pool ones."""
     pools = None if config is None else config.pools
     local = _local_addresses()

@@ -1,4 +1,10 @@
-"""Exceptions nftlb raises on purpose, each carrying the exit code the CLI returns."""
+"""Exceptions nftlb raises on purpose, each carrying the exit code the CLI returns; and the
+problems of a pools file that a ConfigError lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1  # `nftlb diff`: the live table differs from the file
@@ -30,3 +36,27 @@ class KernelError(NftlbError):
 
 class StateError(NftlbError):
     """The state dir cannot be read, written or locked."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        if self.line == 0:  # the whole file: unreadable, too large, too deep
+            return f"{self.file}: {self.message}"
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "field": self.field, "message": self.message}
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A value from the file for a message: repr'd (quotes, escapes), and short."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit number"  # repr() of a number of over 4300 digits raises
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

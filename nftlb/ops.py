@@ -26,20 +26,20 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
-from nftlb import __version__, maglev, model, render, state, update
+from nftlb import __version__, errors, maglev, pools_file, render, schema, state, update
 from nftlb import diff as difflib_
 from nftlb import plan as planlib
 from nftlb.backend import Backend
 from nftlb.errors import KernelError, StateError, UsageError
-from nftlb.model import DEFAULT_TABLE
+from nftlb.schema import DEFAULT_TABLE
 
 log = logging.getLogger("nftlb")
 SNAPSHOT_LIMIT = 20_000  # elements: listing a larger table costs seconds, so only the generation is kept
 
 
 @lru_cache(maxsize=4)
-def _parse(text: str, source: str) -> model.Config:
-    return model.parse(text, source)
+def _parse(text: str, source: str) -> schema.Config:
+    return pools_file.parse(text, source)
 
 
 def status_of(state_dir: Path, applied: state.Applied | None) -> planlib.Status:
@@ -55,7 +55,7 @@ def status_of(state_dir: Path, applied: state.Applied | None) -> planlib.Status:
 class Desired:
     source: str
     source_text: str
-    config: model.Config
+    config: schema.Config
     plan: planlib.Plan
     status: planlib.Status
 
@@ -69,14 +69,14 @@ def _desired(source: str, text: str, status: planlib.Status) -> Desired:
     return Desired(source, text, config, planlib.build(config, status), status)
 
 
-def check(path: str | Path) -> model.Config:
+def check(path: str | Path) -> schema.Config:
     """Read and validate a pools file (ConfigError, exit 2): before any kernel or state dir."""
-    return _parse(model.read(path), str(path))
+    return _parse(pools_file.read(path), str(path))
 
 
 def desired(path: str | Path, state_dir: Path | None = None) -> Desired:
     """Validate and plan a pools file, with the state dir's health and drains when given."""
-    text = model.read(path)
+    text = pools_file.read(path)
     _parse(text, str(path))  # raise ConfigError before anything reads the state dir
     status = status_of(state_dir, state.load(state_dir)) if state_dir is not None else planlib.Status()
     return _desired(str(path), text, status)
@@ -86,7 +86,7 @@ def applied_plan(applied: state.Applied) -> planlib.Plan | None:
     """The plan of the live generation (None if this nftlb cannot read it)."""
     try:
         return planlib.build(_parse(applied.source_text, applied.source), planlib.Status.from_dict(applied.status))
-    except model.ConfigError:
+    except errors.ConfigError:
         return None
 
 
@@ -329,7 +329,7 @@ def apply(path: str | Path, nft: Backend, state_dir: Path, *, dry_run: bool = Fa
     kernel transaction: only what changed when the live table is what nftlb left, else the
     whole table. Dry run: the diff, and the kernel's check of the transaction; no change."""
     started = time.monotonic()
-    text = model.read(path)
+    text = pools_file.read(path)
     _parse(text, str(path))  # a bad file never reaches the lock or the kernel
     state_dir = Path(state_dir)
     with state.lock(state_dir) if not dry_run else _lock_if_present(state_dir):
@@ -583,7 +583,7 @@ def explain(
     return out
 
 
-def _find_backend(config: model.Config, pool_name: str, backend: str) -> str:
+def _find_backend(config: schema.Config, pool_name: str, backend: str) -> str:
     """Resolve POOL BACKEND ("addr:port", "[v6]:port" or a bare address) to the backend's display name."""
     pool = next((p for p in config.pools if p.name == pool_name), None)
     if pool is None:
@@ -622,7 +622,7 @@ def set_drain(nft: Backend, state_dir: Path, pool: str, backend: str, drained: b
 
 def remove(nft: Backend, state_dir: Path, table: str | None = None) -> str | None:
     """Delete our table (and only it). Returns the table deleted, None when there was none."""
-    if table is not None and (not model.TABLE_NAME.fullmatch(table) or table in model.NFT_KEYWORDS):
+    if table is not None and (not schema.TABLE_NAME.fullmatch(table) or table in schema.NFT_KEYWORDS):
         raise UsageError(f"{table!r} is not a table name")
     with state.lock(state_dir):
         applied = state.load(state_dir)

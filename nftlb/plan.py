@@ -11,10 +11,10 @@ from functools import cached_property, reduce
 from math import gcd
 
 from nftlb import maglev
-from nftlb.model import Config, IPAddress, Pool
+from nftlb.schema import Config, IPAddress, Pool
 
 KINDS = {"hash": "hash", "source-hash": "srchash", "random": "random", "round-robin": "rr"}
-# The socket mark of path probes (nftlb.health.path_probe): the table's postrouting chain SNATs
+# The socket mark of path probes (nftlb.probes.path_probe): the table's postrouting chain SNATs
 # connections that carry it to the path source, so that the backend's answer must come back the
 # way it answers clients. A fixed value: an operator's fwmark rules must not match it (doctor checks).
 PATH_PROBE_MARK = 0x6E6C6270  # "nlbp"

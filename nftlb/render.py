@@ -20,8 +20,8 @@ from pathlib import Path
 import jinja2
 
 from nftlb.errors import UsageError
-from nftlb.model import NFT_KEYWORDS, POOL_NAME, TABLE_NAME
 from nftlb.plan import KINDS, PATH_PROBE_MARK, Endpoint, Plan, PoolPlan
+from nftlb.schema import NFT_KEYWORDS, POOL_NAME, TABLE_NAME
 
 _IDENT = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _TABLE, _POOL = TABLE_NAME, POOL_NAME  # the validator's own patterns, checked again here
@@ -43,7 +43,7 @@ _ELEMENT_CHARS = re.compile(r'[0-9a-z.: _"\n-]*')
 _COMMENTS = re.compile(_COMMENT)
 
 _FAMILIES = {"ip": 4, "ip6": 6}
-_MAX_PERSISTENCE = 7 * 86400  # model: persistence is at most 7 days
+_MAX_PERSISTENCE = 7 * 86400  # schema: persistence is at most 7 days
 
 
 class RenderError(UsageError, ValueError):

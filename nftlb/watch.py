@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nftlb import health, ops, state
+from nftlb import health, ops, probes, state
 from nftlb import plan as planlib
 from nftlb.backend import Backend
 from nftlb.errors import ConfigError, NftlbError
@@ -31,8 +31,8 @@ class Watcher:
         nft: Backend,
         state_dir: Path,
         *,
-        probe: health.Probe = health.tcp_probe,
-        path_probe: health.Probe | None = None,
+        probe: probes.Probe = probes.tcp_probe,
+        path_probe: probes.Probe | None = None,
         concurrency: int = 256,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -40,7 +40,7 @@ class Watcher:
     ):
         self.nft, self.state_dir, self.probe = nft, Path(state_dir), probe
         # `health: path` backends: by the clients' path, and when that fails, `probe` says why
-        self.path_probe = path_probe or health.by_path(health.path_probe, probe)
+        self.path_probe = path_probe or probes.by_path(probes.path_probe, probe)
         self.observe = observe  # (ok, seconds) of every probe: the metrics' histogram
         self.concurrency, self.monotonic, self.wall = concurrency, monotonic, wall
         doc = state.read_doc(self.state_dir, state.HEALTH) or {}
@@ -96,7 +96,7 @@ class Watcher:
             async with gate:
                 started = time.monotonic()
                 try:
-                    result = await (self.path_probe if t.path else self.probe)(t.address, t.port, t.health.timeout)
+                    result = await (self.path_probe if t.path else self.probe)(t.address, t.port, t.settings.timeout)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
@@ -114,7 +114,7 @@ class Watcher:
             # next probe one interval after this round began, not after it ended: a round lasts as
             # long as its slowest probe (a black hole: the whole timeout), and counting from its
             # end would stretch every other backend's interval by that much
-            self.due[key] = began + t.health.interval
+            self.due[key] = began + t.settings.interval
             transition = health.observe(self.records[key], t, ok, detail, latency, wall)
             if transition:
                 out.append(transition)

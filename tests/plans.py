@@ -2,7 +2,7 @@
 
 import random
 
-from nftlb import model, plan
+from nftlb import plan, pools_file, schema
 
 
 def random_config(rng: random.Random, max_pools: int = 6) -> str:
@@ -31,7 +31,7 @@ def random_config(rng: random.Random, max_pools: int = 6) -> str:
     return "\n".join(lines) + "\n"
 
 
-def random_status(rng: random.Random, config: model.Config) -> plan.Status:
+def random_status(rng: random.Random, config: schema.Config) -> plan.Status:
     down, drained = set(), set()
     for p in config.pools:
         for b in p.backends:
@@ -46,8 +46,8 @@ def random_status(rng: random.Random, config: model.Config) -> plan.Status:
 def random_plans(seed: int, steps: int):
     """A walk of plans: sometimes the file changes, sometimes only the status."""
     rng = random.Random(seed)
-    config = model.parse(random_config(rng))
+    config = pools_file.parse(random_config(rng))
     for _ in range(steps):
         if rng.random() < 0.5:
-            config = model.parse(random_config(rng))
+            config = pools_file.parse(random_config(rng))
         yield plan.build(config, random_status(rng, config))

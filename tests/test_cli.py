@@ -3,10 +3,9 @@
 import json
 
 import pytest
+from conftest import ROOT
 
 from nftlb import cli, state
-
-from conftest import ROOT
 
 WEB = ROOT / "rules" / "web.yaml"
 

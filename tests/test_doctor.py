@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nftlb import doctor, model
+from nftlb import doctor, pools_file, schema
 from nftlb.errors import KernelError
 
 Addr = namedtuple("Addr", "ip port")
@@ -57,8 +57,8 @@ def fake_proc(root: Path, *, forward: str = "1", forward6: str | None = "1", rp:
     return root
 
 
-def config(*pools: str) -> model.Config:
-    return model.parse("pools:\n" + "".join(pools))
+def config(*pools: str) -> schema.Config:
+    return pools_file.parse("pools:\n" + "".join(pools))
 
 
 def pool(name: str, vip: str = "198.51.100.10", port: int = 80, protocol: str = "tcp",
@@ -376,7 +376,7 @@ def test_verdict_line_and_exit_code():
 
 
 PATHS = config(pool("web"), pool("six", vip="2001:db8::10", backends="['[fd00:b::11]:8080']")).model_copy(
-    update={"health": model.HealthDefaults(path=True)})
+    update={"health": schema.HealthDefaults(path=True)})
 
 
 def test_path_sources_off_every_link_and_the_mark_uncaught(box, tmp_path):

@@ -37,10 +37,12 @@ import pytest
 import typer
 import typer.main
 import yaml
-from hypothesis import HealthCheck, Phase, assume, example, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
+from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from nftlb import backend, cli, model, plan as planlib, render, units, update
+from nftlb import backend, cli, pools_file, render, schema, units, update, yamltree
+from nftlb import plan as planlib
 from nftlb.errors import ConfigError
 from nftlb.fake import Fake
 
@@ -50,9 +52,9 @@ WEB = ROOT / "rules" / "web.yaml"
 # hypothesis keeps caches (constants, unicode tables) in ./.hypothesis: not in the source tree
 set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "nftlb-hypothesis"))
 
-SCHEDULERS = typing.get_args(model.Pool.model_fields["scheduler"].annotation)
-MODES = typing.get_args(model.Pool.model_fields["mode"].annotation)
-PROTOCOLS = typing.get_args(model.Pool.model_fields["protocol"].annotation)
+SCHEDULERS = typing.get_args(schema.Pool.model_fields["scheduler"].annotation)
+MODES = typing.get_args(schema.Pool.model_fields["mode"].annotation)
+PROTOCOLS = typing.get_args(schema.Pool.model_fields["protocol"].annotation)
 
 def fuzz(examples: int) -> settings:
     """Modest example counts (the whole file runs in well under 40 s), no deadline (one example runs
@@ -83,7 +85,7 @@ def addresses(version: int) -> st.SearchStrategy[str]:
 
 pool_names = st.sampled_from(ODD_POOL_NAMES) | st.from_regex(r"[a-z][a-z0-9_-]{0,30}", fullmatch=True)
 table_names = st.sampled_from(ODD_TABLE_NAMES) | st.from_regex(r"[a-z][a-z0-9_]{0,30}", fullmatch=True).filter(
-    lambda n: n not in model.NFT_KEYWORDS)
+    lambda n: n not in schema.NFT_KEYWORDS)
 PRIMES = [2, 3, 5, 7, 11, 13, 17, 31, 53, 97, 251, 509, 1021, 4099]
 DURATIONS = st.sampled_from(["1s", "2s", "5s", "1m", 3, 2.5])  # every one at least every timeout below
 TIMEOUTS = st.sampled_from(["100ms", "500ms", "1s", 1, 0.25])
@@ -326,7 +328,7 @@ def broken_configs(draw) -> tuple[str, object]:
         return f"{key}: {config[key]!r:.60}", config
     if where == "pool":
         key = draw(st.sampled_from(sorted(BAD_FIELDS)))
-        values = BAD_FIELDS[key] + ([draw(st.text(max_size=40).filter(lambda s: not model.POOL_NAME.fullmatch(s)))]
+        values = BAD_FIELDS[key] + ([draw(st.text(max_size=40).filter(lambda s: not schema.POOL_NAME.fullmatch(s)))]
                                     if key == "name" else [])
         pool[key] = draw(st.sampled_from(values))
         return f"pools[{i}].{key}: {pool[key]!r:.60}", config
@@ -335,7 +337,7 @@ def broken_configs(draw) -> tuple[str, object]:
     if where == "backend":
         entry = pool["backends"][j]
         if isinstance(entry, str):
-            entry = pool["backends"][j] = {"address": model._parse_short(entry)["address"].strip("[]")}
+            entry = pool["backends"][j] = {"address": schema._parse_short(entry)["address"].strip("[]")}
         key = draw(st.sampled_from(sorted(BAD_BACKEND_FIELDS)))
         entry[key] = draw(st.sampled_from(BAD_BACKEND_FIELDS[key]))
         return f"pools[{i}].backends[{j}].{key}: {entry[key]!r:.60}", config
@@ -408,7 +410,7 @@ UNICODE_ESCAPES = ["\\ud800", "\\udfff", "\\ud83d", "\\U00110000", "\\x00", "\\0
 
 def still_valid(data: bytes) -> bool:
     try:
-        model.parse(data.decode("utf-8"), "f")
+        pools_file.parse(data.decode("utf-8"), "f")
     except (ConfigError, UnicodeDecodeError):
         return False
     return True
@@ -450,7 +452,7 @@ def mangled_texts(draw) -> tuple[str, bytes]:
         assume(not still_valid(data))  # cut between two pools, or junk in a comment: a valid file
         return how, data
     if how == "deep":
-        n = draw(st.sampled_from([model.MAX_DEPTH, model.MAX_DEPTH + 1, 1000, 10_000]))
+        n = draw(st.sampled_from([yamltree.MAX_DEPTH, yamltree.MAX_DEPTH + 1, 1000, 10_000]))
         opener, closer = draw(st.sampled_from([("[", "]"), ("{a: ", "}")]))
         return how, text.replace("pools:", f"x_deep: {opener * n}{closer * n}\npools:", 1).encode()
     # an alias to nothing, or an anchor given twice
@@ -553,8 +555,8 @@ NASTY = {
     "a million nested lists": (b"[" * 1_000_000 + b"]" * 1_000_000, "nested more than 64 deep"),  # libyaml: SIGSEGV
     "alias inside itself": (b"pools: &a [*a]\n", "nested more than 64 deep"),
     "merge of itself": (b"a: &a {<<: *a}\npools: []\n", "nested more than 64 deep"),
-    "billion laughs": (_laughs().encode(), f"more than {model.MAX_NODES} YAML nodes"),
-    "merge-key bomb": (_merge_bomb().encode(), f"more than {model.MAX_NODES} YAML nodes"),
+    "billion laughs": (_laughs().encode(), f"more than {yamltree.MAX_NODES} YAML nodes"),
+    "merge-key bomb": (_merge_bomb().encode(), f"more than {yamltree.MAX_NODES} YAML nodes"),
     "deep json": (b'{"pools": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested more than 64 deep"),
 }
 
@@ -569,12 +571,12 @@ def test_nasty_file_is_refused_by_every_command(name):
 
 def test_limits_are_exact():
     """MAX_DEPTH lists nest; one more does not."""
-    fits = "x: " + "[" * (model.MAX_DEPTH - 1) + "]" * (model.MAX_DEPTH - 1) + "\npools: []\n"
+    fits = "x: " + "[" * (yamltree.MAX_DEPTH - 1) + "]" * (yamltree.MAX_DEPTH - 1) + "\npools: []\n"
     with pytest.raises(ConfigError) as e:
-        model.parse(fits, "f")
+        pools_file.parse(fits, "f")
     assert [p.message for p in e.value.problems] == ["unknown key"]
     with pytest.raises(ConfigError, match="nested more than 64 deep"):
-        model.parse("x: " + "[" * model.MAX_DEPTH + "]" * model.MAX_DEPTH + "\npools: []\n", "f")
+        pools_file.parse("x: " + "[" * yamltree.MAX_DEPTH + "]" * yamltree.MAX_DEPTH + "\npools: []\n", "f")
 
 
 def test_a_50_megabyte_file_is_refused_unread(tmp_path):
@@ -583,12 +585,12 @@ def test_a_50_megabyte_file_is_refused_unread(tmp_path):
         f.write(b"pools:\n")
         f.write((b"# " + b"x" * 1021 + b"\n") * (50 * 1024))
     size = big.stat().st_size
-    assert size > 50 * 2**20 > model.MAX_FILE_BYTES
+    assert size > 50 * 2**20 > pools_file.MAX_FILE_BYTES
     kernel, state_dir = Fake(), tmp_path / "state"
     for argv in commands(big, state_dir):
         code, out, err = run(argv, kernel, state_dir)
         assert code == 2 and out == ""
-        assert err == f"{big}: {size} bytes, larger than the limit of {model.MAX_FILE_BYTES} bytes (32 MiB)\n"
+        assert err == f"{big}: {size} bytes, larger than the limit of {pools_file.MAX_FILE_BYTES} bytes (32 MiB)\n"
         if argv[0] != "watch":
             assert not state_dir.exists()
     assert kernel.scripts == []
@@ -596,7 +598,7 @@ def test_a_50_megabyte_file_is_refused_unread(tmp_path):
 
 def test_a_device_that_never_ends_is_refused(tmp_path):
     code, out, err = run(["validate", "/dev/zero"], Fake(), tmp_path / "state")
-    assert code == 2 and err == f"/dev/zero: more bytes, larger than the limit of {model.MAX_FILE_BYTES} bytes (32 MiB)\n"
+    assert code == 2 and err == f"/dev/zero: more bytes, larger than the limit of {pools_file.MAX_FILE_BYTES} bytes (32 MiB)\n"
 
 
 @pytest.mark.parametrize("name", ["duplicate keys", "billion laughs", "not utf-8", "10,000 nested lists", "python object"])
@@ -635,7 +637,7 @@ def check_ruleset(text: str, config: dict) -> None:
 @given(valid_files(small=True))
 def test_valid_configs_validate_render_and_apply(case):
     config, text = case
-    parsed = model.parse(text, "pools.yaml")
+    parsed = pools_file.parse(text, "pools.yaml")
     assert [p.name for p in parsed.pools] == [p["name"] for p in config["pools"]]
     script = render.ruleset(planlib.build(parsed))
     check_ruleset(script, config)
@@ -686,7 +688,7 @@ def test_adversarial_strings_are_refused_by_validation(field, value):
 
 
 def _plan() -> planlib.Plan:
-    return planlib.build(model.parse("""
+    return planlib.build(pools_file.parse("""
 pools:
   - {name: web, vip: 198.51.100.10, port: 80, persistence: 5m, mode: masquerade, backends: [10.0.0.1, 10.0.0.2]}
   - {name: rr, vip: 198.51.100.10, port: 81, scheduler: round-robin, backends: [10.0.0.1, 10.0.0.2]}
@@ -802,7 +804,7 @@ def test_render_refuses_any_pool_name_but_a_plain_one(name):
         pools = list(plan.pools)
         pools[i] = dataclasses.replace(pools[i], name=name)
         forged = dataclasses.replace(plan, pools=tuple(pools))
-        if model.POOL_NAME.fullmatch(name):
+        if schema.POOL_NAME.fullmatch(name):
             check_ruleset(render.ruleset(forged), {"pools": [{"name": p.name} for p in pools]})
         else:
             with pytest.raises(render.RenderError):

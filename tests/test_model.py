@@ -1,9 +1,8 @@
 import pytest
-
-from nftlb import model
-from nftlb.errors import ConfigError
-
 from conftest import ROOT
+
+from nftlb import pools_file, schema, yamltree
+from nftlb.errors import ConfigError
 
 GOOD = """
 table: lb
@@ -30,7 +29,7 @@ pools:
 def problems(write, text):
     path = write(text)
     with pytest.raises(ConfigError) as e:
-        model.load(path)
+        pools_file.load(path)
     return [(p.line, p.field, p.message) for p in e.value.problems], path
 
 
@@ -38,11 +37,11 @@ def test_examples_in_rules_are_valid():
     files = sorted((ROOT / "rules").glob("*.yaml"))
     assert len(files) >= 4
     for f in files:
-        assert model.load(f).pools
+        assert pools_file.load(f).pools
 
 
 def test_good_file_with_defaults_and_short_forms(write):
-    c = model.load(write(GOOD))
+    c = pools_file.load(write(GOOD))
     assert c.table == "lb" and c.seed == 0x5EED
     web, web6 = c.pools
     assert (web.protocol, web.scheduler, web.mode) == ("tcp", "hash", "dnat")
@@ -57,12 +56,12 @@ def test_good_file_with_defaults_and_short_forms(write):
 
 
 def test_defaults_table_and_seed(write):
-    c = model.load(write("pools: []\n"))
-    assert c.table == "nftlb" and c.seed == model.DEFAULT_SEED and c.pools == []
+    c = pools_file.load(write("pools: []\n"))
+    assert c.table == "nftlb" and c.seed == schema.DEFAULT_SEED and c.pools == []
 
 
 def test_seed_as_hex_string(write):
-    assert model.load(write('seed: "0xabc"\npools: []\n')).seed == 0xABC
+    assert pools_file.load(write('seed: "0xabc"\npools: []\n')).seed == 0xABC
 
 
 def test_every_problem_is_listed_with_its_line(write):
@@ -100,7 +99,7 @@ def test_every_problem_is_listed_with_its_line(write):
 def test_problem_renders_as_file_line_field_message(write):
     path = write("pools:\n  - {name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1], extra: 1}\n")
     with pytest.raises(ConfigError) as e:
-        model.load(path)
+        pools_file.load(path)
     assert str(e.value) == f"{path}:2: pools[0].extra: unknown key"
 
 
@@ -196,20 +195,20 @@ def test_strict_numbers(write):
 
 def test_unreadable_binary_and_oversized_files(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="No such file"):
-        model.load(tmp_path / "missing.yaml")
+        pools_file.load(tmp_path / "missing.yaml")
     junk = tmp_path / "junk.yaml"
     junk.write_bytes(b"pools: []\n\xff\xfe\x00")
     with pytest.raises(ConfigError) as e:
-        model.load(junk)
+        pools_file.load(junk)
     assert str(e.value) == f"{junk}:2: file: not UTF-8 text"
-    monkeypatch.setattr(model, "MAX_FILE_BYTES", 16)
+    monkeypatch.setattr(pools_file, "MAX_FILE_BYTES", 16)
     junk.write_text("pools: []\n# padding padding\n")
     with pytest.raises(ConfigError, match="larger than"):
-        model.load(junk)
+        pools_file.load(junk)
 
 
 def test_alias_bomb_is_refused(write, monkeypatch):
-    monkeypatch.setattr(model, "MAX_NODES", 1000)
+    monkeypatch.setattr(yamltree, "MAX_NODES", 1000)
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
     for i, name in enumerate("bcde"):
         prev = "abcde"[i]
@@ -219,7 +218,7 @@ def test_alias_bomb_is_refused(write, monkeypatch):
 
 
 def test_merge_keys_are_understood(write):
-    c = model.load(write("""
+    c = pools_file.load(write("""
         pools:
           - &base {name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}
           - {<<: *base, name: b, port: 81}
@@ -242,19 +241,19 @@ pools:
 
 
 def test_health_settings_merge_pool_over_defaults(write):
-    c = model.load(write(HEALTHY))
+    c = pools_file.load(write(HEALTHY))
     web, dns, dflt = c.pools
-    assert c.health_of(web) == model.Health(interval=60.0, timeout=2.0, rise=1, fall=2, port=8081)
-    assert c.health_of(dns) is None
-    assert c.health_of(dflt) == model.Health(interval=0.5, timeout=0.2, rise=1, fall=2, port=None)
+    assert c.probe_settings(web) == schema.ProbeSettings(interval=60.0, timeout=2.0, rise=1, fall=2, port=8081)
+    assert c.probe_settings(dns) is None
+    assert c.probe_settings(dflt) == schema.ProbeSettings(interval=0.5, timeout=0.2, rise=1, fall=2, port=None)
     assert web.when_all_down == "keep-last" and dns.when_all_down == "reject"
     assert [b.backup for b in web.backends] == [False, True]
     assert (web.reset_on_down, dns.reset_on_down, dflt.reset_on_down) == (False, True, False)
 
 
 def test_health_defaults(write):
-    c = model.load(write("pools: [{name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}]\n"))
-    assert c.health_of(c.pools[0]) == model.Health(interval=2.0, timeout=1.0, rise=2, fall=3, port=None)
+    c = pools_file.load(write("pools: [{name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}]\n"))
+    assert c.probe_settings(c.pools[0]) == schema.ProbeSettings(interval=2.0, timeout=1.0, rise=2, fall=3, port=None)
 
 
 def test_bad_health_settings(write):
@@ -288,7 +287,7 @@ def test_json_files_are_read_fast_and_their_problems_still_have_lines(write):
     import json
 
     doc = {"seed": 7, "pools": [{"name": "web", "vip": "198.51.100.1", "port": 80, "backends": ["10.0.0.1:8080"]}]}
-    c = model.load(write(json.dumps(doc), "pools.json"))
+    c = pools_file.load(write(json.dumps(doc), "pools.json"))
     assert c.seed == 7 and str(c.pools[0].backends[0].address) == "10.0.0.1"
     doc["pools"][0]["port"] = 0
     found, _ = problems(write, json.dumps(doc, indent=2))
@@ -301,11 +300,11 @@ def test_json_files_are_read_fast_and_their_problems_still_have_lines(write):
 
 
 def test_size_limit_message_names_both_sizes(tmp_path, monkeypatch):
-    monkeypatch.setattr(model, "MAX_FILE_BYTES", 16)
+    monkeypatch.setattr(pools_file, "MAX_FILE_BYTES", 16)
     big = tmp_path / "big.yaml"
     big.write_text("pools: []\n# padding padding\n")
     with pytest.raises(ConfigError) as e:
-        model.load(big)
+        pools_file.load(big)
     assert str(e.value) == f"{big}: 28 bytes, larger than the limit of 16 bytes (0 MiB)"
 
 
@@ -318,18 +317,18 @@ def test_size_limit_message_names_both_sizes(tmp_path, monkeypatch):
 ])
 def test_nesting_is_bounded_before_anything_recurses(write, text):
     found, _ = problems(write, text)
-    assert len(found) == 1 and found[0][1:] == ("yaml", f"lists and mappings nested more than {model.MAX_DEPTH} deep")
+    assert len(found) == 1 and found[0][1:] == ("yaml", f"lists and mappings nested more than {yamltree.MAX_DEPTH} deep")
 
 
 def test_merge_key_bomb_is_refused_before_it_grows(write):
     bomb = "m0: &m0 {k0: 1, k1: 2}\n" + "".join(f"m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}]}}\n" for i in range(1, 60))
     found, _ = problems(write, bomb + "pools: []\n")
-    assert found == [(0, "file", f"more than {model.MAX_NODES} YAML nodes")]
+    assert found == [(0, "file", f"more than {yamltree.MAX_NODES} YAML nodes")]
 
 
 def test_a_merged_mapping_used_twice_is_not_a_duplicate(write):
     """Building an aliased mapping with a merge key again used to report its merged keys as duplicates."""
-    c = model.load(write("""
+    c = pools_file.load(write("""
         pools:
           - {name: a, vip: 198.51.100.1, port: 80, backends: [&bk {<<: {port: 8080, weight: 2}, address: 10.0.0.1, port: 8081}]}
           - {name: b, vip: 198.51.100.2, port: 80, backends: [*bk]}
@@ -395,24 +394,24 @@ def test_odd_keys_cannot_fake_report_lines(write):
 
 
 def test_path_probes_settings(write):
-    c = model.load(write("""
+    c = pools_file.load(write("""
         health: {path: true}
         pools:
           - {name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}
           - {name: m, vip: 198.51.100.2, port: 80, mode: masquerade, backends: [10.0.0.1]}
           - {name: p, vip: 198.51.100.3, port: 80, health: {path: false}, backends: [10.0.0.1]}
         """))
-    a, m, p = (c.health_of(x) for x in c.pools)
+    a, m, p = (c.probe_settings(x) for x in c.pools)
     assert (a.path, m.path, p.path) == (True, False, False)  # masquerade backends answer the gateway itself
-    assert c.health.path_source == model.PATH_SOURCES and c.path_sources() == (model.PATH_SOURCES[0],)
-    c = model.load(write("""
+    assert c.health.path_source == schema.PATH_SOURCES and c.path_sources() == (schema.PATH_SOURCES[0],)
+    c = pools_file.load(write("""
         health: {path_source: "2001:db8:ffff::1"}
         pools:
           - {name: a, vip: "2001:db8::1", port: 80, health: {path: true}, backends: ["fd00::1"]}
           - {name: b, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}
         """))
     assert [str(x) for x in c.path_sources()] == ["2001:db8:ffff::1"]
-    assert model.load(write("pools: [{name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}]\n")
+    assert pools_file.load(write("pools: [{name: a, vip: 198.51.100.1, port: 80, backends: [10.0.0.1]}]\n")
                       ).path_sources() == ()  # nobody asks: no SNAT rule, nothing marked
 
 

@@ -15,9 +15,9 @@ def test_wheel_ships_templates_and_renders_without_the_source_tree(tmp_path):
     assert "nftlb/templates/ruleset.nft.j2" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import sys; from nftlb import model, plan, render; "
+    code = ("import sys; from nftlb import pools_file, plan, render; "
             "assert str(render.template_dir()).startswith(sys.argv[1]), render.template_dir(); "
-            "print(render.ruleset(plan.build(model.load(sys.argv[2]))), end='')")
+            "print(render.ruleset(plan.build(pools_file.load(sys.argv[2]))), end='')")
     out = subprocess.run([sys.executable, "-c", code, str(site), str(ROOT / "rules" / "web.yaml")],
                          capture_output=True, text=True, env={"PYTHONPATH": str(site)}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -1,7 +1,7 @@
 from collections import Counter
 from ipaddress import ip_address
 
-from nftlb import model, plan
+from nftlb import plan, pools_file
 from nftlb.plan import Endpoint
 
 
@@ -10,7 +10,7 @@ def ep(addr, port=80):
 
 
 def build(text, **status):
-    return plan.build(model.parse(text), plan.Status(**status))
+    return plan.build(pools_file.parse(text), plan.Status(**status))
 
 
 def test_slot_table_follows_weights_reduced_by_gcd():

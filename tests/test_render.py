@@ -3,23 +3,22 @@ import re
 
 import jinja2
 import pytest
-
-from nftlb import model, plan, render
-
 from conftest import ROOT
+
+from nftlb import plan, pools_file, render
 
 GOLDEN = ROOT / "tests" / "golden"
 EXAMPLES = sorted((ROOT / "rules").glob("*.yaml"))
 
 
 def rendered(text):
-    return render.ruleset(plan.build(model.parse(text)))
+    return render.ruleset(plan.build(pools_file.parse(text)))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_examples_match_golden_files(example):
     """Set NFTLB_UPDATE_GOLDEN=1 to rewrite tests/golden after an intended change; review the diff."""
-    got = render.ruleset(plan.build(model.load(example)))
+    got = render.ruleset(plan.build(pools_file.load(example)))
     golden = GOLDEN / f"{example.stem}.nft"
     if os.environ.get("NFTLB_UPDATE_GOLDEN"):
         golden.write_text(got)
@@ -118,7 +117,7 @@ def test_zone_index_cannot_reach_the_ruleset():
     import dataclasses
     import ipaddress
 
-    p = plan.build(model.parse('pools: [{name: a, vip: "2001:db8::1", port: 80, backends: ["fd00::1"]}]\n'))
+    p = plan.build(pools_file.parse('pools: [{name: a, vip: "2001:db8::1", port: 80, backends: ["fd00::1"]}]\n'))
     forged = dataclasses.replace(p, pools=(dataclasses.replace(p.pools[0], vip=ipaddress.IPv6Address("2001:db8::1%x}")),))
     with pytest.raises(render.RenderError, match="refusing to render"):
         render.ruleset(forged)

@@ -3,11 +3,10 @@ import os
 import stat
 
 import pytest
+from test_diff import applied as _applied
 
 from nftlb import state
 from nftlb.errors import StateError
-
-from test_diff import applied as _applied
 
 
 def applied(ruleset=None):

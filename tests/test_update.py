@@ -1,14 +1,12 @@
 """The update engine: old plan + small transaction == new plan loaded whole (on the fake kernel)."""
 
-import json
 
 import pytest
+from plans import random_plans
 
-from nftlb import model, plan, render, update
+from nftlb import plan, pools_file, render, update
 from nftlb.diff import normalize
 from nftlb.fake import Fake
-
-from plans import random_plans
 
 WEB = """
 seed: 0x5eed
@@ -20,7 +18,7 @@ pools:
 
 
 def build(text, **status):
-    return plan.build(model.parse(text), plan.Status(**status))
+    return plan.build(pools_file.parse(text), plan.Status(**status))
 
 
 def test_one_backend_down_touches_only_its_pool():

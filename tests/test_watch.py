@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from nftlb import health, ops, state
+from nftlb import health, ops, probes, state
 from nftlb.diff import normalize
 from nftlb.fake import Fake
 from nftlb.watch import Watcher
@@ -266,7 +266,7 @@ def test_path_probes_take_out_a_backend_clients_cannot_reach(tmp_path):
             return False, f"no answer within {timeout:g}s", None
         return True, "", 0.001
 
-    w = Watcher(world.kernel, world.state_dir, probe=world.probe, path_probe=health.by_path(path, world.probe),
+    w = Watcher(world.kernel, world.state_dir, probe=world.probe, path_probe=probes.by_path(path, world.probe),
                 monotonic=world.clock, wall=world.clock)
     transitions = world.rounds(w, 3)
     assert [str(t) for t in transitions] == [
@@ -277,7 +277,7 @@ def test_path_probes_take_out_a_backend_clients_cannot_reach(tmp_path):
     # the direct probe only runs for the backend whose path probe failed (and the plain pool)
     assert world.probed.count(("10.0.0.13", 8080)) == 6 and ("10.0.0.11", 8080) not in world.probed
     doc = state.read_doc(world.state_dir, state.HEALTH)
-    assert doc["backends"]["web|10.0.0.13:8080"]["error"] == health.NO_CLIENT_PATH
+    assert doc["backends"]["web|10.0.0.13:8080"]["error"] == probes.NO_CLIENT_PATH
     world.dead.add(("10.0.0.12", 8080))  # dead for both: the direct probe's reason wins
     assert [str(t) for t in world.rounds(w, 3)] == [
         "pool web backend 10.0.0.12:8080 down after 3 failures: connection refused"]
