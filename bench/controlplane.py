@@ -110,9 +110,9 @@ def nftlb(*args: str) -> list[str]:
 WATCHER_TRANSACTION = """
 import json, statistics, sys, time
 from pathlib import Path
-from nftlb import backend, ops, state
+from nftlb import kernel, ops, state
 state_dir, down = Path(sys.argv[1]), json.loads(sys.argv[2])  # [[pool, backend], ...]
-nft = backend.make(None)
+nft = kernel.make(None)
 with state.lock(state_dir):
     ops.refresh(nft, state_dir)  # warm: nothing to change
 took = []

@@ -37,10 +37,10 @@ LISTENER = textwrap.dedent("""
 # Runs inside the gateway: the watcher's probe rounds, timed. argv: state dir, rounds.
 ROUNDS = textwrap.dedent("""
     import asyncio, json, statistics, sys, time
-    from nftlb import backend, probes
+    from nftlb import kernel, probes
     from nftlb.watch import Watcher
     state_dir, rounds = sys.argv[1], int(sys.argv[2])
-    nft = backend.make(None)
+    nft = kernel.make(None)
     kinds = {"plain": Watcher(nft, state_dir, path_probe=probes.tcp_probe),  # path targets probed plainly
              "path": Watcher(nft, state_dir)}
     out = {k: {"wall": [], "cpu": [], "failed": 0} for k in kinds}

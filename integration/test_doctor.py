@@ -17,9 +17,9 @@ VIP = "198.51.100.10"
 
 DOCTOR = textwrap.dedent("""
     import json, sys
-    from nftlb import backend, doctor, pools_file
+    from nftlb import doctor, kernel, pools_file
     text = sys.stdin.read()
-    checks = doctor.run(pools_file.parse(text) if text.strip() else None, backend.make(None))
+    checks = doctor.run(pools_file.parse(text) if text.strip() else None, kernel.make(None))
     print(json.dumps({"checks": [c.as_dict() for c in checks], "exit": doctor.exit_code(checks),
                       "text": doctor.text(checks)}))
 """)

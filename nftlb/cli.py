@@ -17,8 +17,7 @@ from typing import Annotated
 
 import typer
 
-from nftlb import __version__, ops, pools_file, schema, state, units
-from nftlb import backend as backends
+from nftlb import __version__, kernel, ops, pools_file, schema, state, units
 from nftlb import plan as planlib
 from nftlb import watch as watcher
 from nftlb.errors import EXIT_DIFFERENT, EXIT_SYSTEM, ConfigError, NftlbError, UsageError
@@ -113,8 +112,8 @@ def _drift(d) -> str:
     return f"drift: {d.drift}\n" if "\n" not in d.drift else f"drift (changed outside nftlb):\n{d.drift}"
 
 
-def _kernel(name: BackendName | None) -> backends.Backend:
-    return backends.make(name.value if name else None)
+def _kernel(name: BackendName | None) -> kernel.Kernel:
+    return kernel.make(name.value if name else None)
 
 
 @app.command()

@@ -3,7 +3,7 @@
 Each check gives one line: ok, warn, or fail (something blocks traffic). Kernel
 features are tested with a dry-run transaction (checked by the kernel, never
 committed); sysctls are read under `proc`, so tests can point it at a fake tree.
-Nothing here changes the system. No shell: subprocesses get argv lists.
+Nothing here changes the system. Programs run through nftlb.kernel.exec (argv lists, no shell).
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ from __future__ import annotations
 import importlib.metadata
 import ipaddress
 import json
-import shutil
 import socket
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
-from nftlb import backend, schema
+from nftlb import kernel, schema
 from nftlb import plan as planlib
 from nftlb.errors import KernelError
+from nftlb.kernel import exec as exec_
 
 PROBE_TABLE = "nftlb_doctor"
 _MAP = "map { 0 : 192.0.2.1, 1 : 192.0.2.2 }"
@@ -74,7 +73,7 @@ def _said(e: Exception) -> str:
     return (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else "no message"
 
 
-def _kernel(nft: backend.Backend | None) -> Check:
+def _kernel(nft: kernel.Kernel | None) -> Check:
     if nft is None:
         return Check("kernel", "fail", "no way into the kernel: install python3-nftables or nftables")
     names = list(_FEATURES)
@@ -93,12 +92,9 @@ def _kernel(nft: backend.Backend | None) -> Check:
 
 
 def _nft_version() -> str | None:
-    path = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if Path(p).exists()), None)
-    if not path:
-        return None
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        out = exec_.run("nft", ["--version"], timeout=10)
+    except KernelError:  # not installed, or it would not run
         return None
     return (out.stdout.strip() or "unknown version") if out.returncode == 0 else None
 
@@ -246,13 +242,10 @@ def _conntrack(proc: Path, pools: list[schema.Pool] | None) -> Check:
 
 def _ip(*argv: str) -> tuple[int, list] | None:
     """`ip -j ARGV`: (exit status, parsed output), None when unknown (no ip tool, no answer)."""
-    ip = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if Path(p).exists()), None)
-    if not ip:
-        return None
     try:
-        out = subprocess.run([ip, "-j", *argv], capture_output=True, text=True, timeout=10)
+        out = exec_.run("ip", ["-j", *argv], timeout=10)
         return out.returncode, json.loads(out.stdout or "[]")
-    except (OSError, subprocess.TimeoutExpired, ValueError):
+    except (KernelError, ValueError):
         return None
 
 
@@ -427,7 +420,7 @@ def _listeners(pools: list[schema.Pool], local_vips: set[Address]) -> list[Check
     return out or [Check("listeners", "ok", "no local process listens on a pool's VIP:port")]
 
 
-def run(config: schema.Config | None, nft: backend.Backend | None, *, proc: Path = Path("/proc")) -> list[Check]:
+def run(config: schema.Config | None, nft: kernel.Kernel | None, *, proc: Path = Path("/proc")) -> list[Check]:
     """Every check, in a fixed order; `config` None skips the per-pool ones."""
     pools = None if config is None else config.pools
     local = _local_addresses()

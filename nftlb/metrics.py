@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server, w
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nftlb import status
-from nftlb.backend import Backend
 from nftlb.errors import NftlbError, StateError, UsageError
+from nftlb.kernel import Kernel
 
 log = logging.getLogger("nftlb")
 DEFAULT_PORT = 9650
@@ -26,9 +26,9 @@ DEFAULT_PORT = 9650
 class StatusCollector:
     """Turns one status.collect() into metric families at each scrape."""
 
-    def __init__(self, make_backend: Callable[[], Backend], state_dir: Path, conntrack: str | None = None):
+    def __init__(self, make_backend: Callable[[], Kernel], state_dir: Path, conntrack: str | None = None):
         self.make_backend, self.state_dir, self.conntrack = make_backend, Path(state_dir), conntrack
-        self._nft: Backend | None = None
+        self._nft: Kernel | None = None
 
     def collect(self):
         ok = GaugeMetricFamily("nftlb_status_ok", "1 when the last scrape could read the state dir and the kernel")
@@ -104,7 +104,7 @@ class StatusCollector:
         yield from (applies, failures, last, loaded)
 
 
-def registry(make_backend: Callable[[], Backend], state_dir: Path) -> CollectorRegistry:
+def registry(make_backend: Callable[[], Kernel], state_dir: Path) -> CollectorRegistry:
     reg = CollectorRegistry()
     reg.register(StatusCollector(make_backend, state_dir))
     return reg

@@ -29,8 +29,8 @@ from pathlib import Path
 from nftlb import __version__, errors, maglev, pools_file, render, schema, state, update
 from nftlb import diff as difflib_
 from nftlb import plan as planlib
-from nftlb.backend import Backend
 from nftlb.errors import KernelError, StateError, UsageError
+from nftlb.kernel import Kernel
 from nftlb.schema import DEFAULT_TABLE
 
 log = logging.getLogger("nftlb")
@@ -110,7 +110,7 @@ def elements(plan: planlib.Plan) -> int:
     return sum(len(p.slots) + 2 for p in plan.pools)
 
 
-def _exists(nft: Backend, table: str) -> bool:
+def _exists(nft: Kernel, table: str) -> bool:
     """Is `table inet TABLE` there? One netlink request (`list tables` costs seconds next to a
     large table)."""
     return nft.has_table(table)
@@ -130,7 +130,7 @@ class Live:
     drift: str | None  # when not trusted: why, or what changed
 
 
-def inspect(nft: Backend, applied: state.Applied | None, table: str) -> Live:
+def inspect(nft: Kernel, applied: state.Applied | None, table: str) -> Live:
     if applied is None or applied.table != table:
         if _exists(nft, table):
             return Live(
@@ -189,7 +189,7 @@ def _diff(want: Desired, applied: state.Applied | None, live: Live) -> difflib_.
     return difflib_.Diff(live.trusted and old == want.plan, changes, live.drift)
 
 
-def compare(path: str | Path, nft: Backend, state_dir: Path) -> tuple[Desired, difflib_.Diff]:
+def compare(path: str | Path, nft: Kernel, state_dir: Path) -> tuple[Desired, difflib_.Diff]:
     want = desired(path, state_dir)
     with _lock_if_present(Path(state_dir)):  # not in the middle of someone's commit: that would look like drift
         applied = state.load(state_dir)
@@ -221,7 +221,7 @@ class Result:
 
 
 def _commit(
-    nft: Backend,
+    nft: Kernel,
     state_dir: Path,
     want: Desired,
     old: planlib.Plan | None,
@@ -273,7 +273,7 @@ def _commit(
     return changes
 
 
-def clear_flows(nft: Backend, stale: list[update.Flows]) -> int:
+def clear_flows(nft: Kernel, stale: list[update.Flows]) -> int:
     """Delete conntrack entries the committed table no longer stands behind. The table is
     committed already: a failure here is logged, and the entries time out on their own."""
     gone = 0
@@ -289,7 +289,7 @@ def clear_flows(nft: Backend, stale: list[update.Flows]) -> int:
     return gone
 
 
-def _remembered(nft: Backend, table: str, lost) -> dict[str, list]:
+def _remembered(nft: Kernel, table: str, lost) -> dict[str, list]:
     """Clients the persistence maps of `lost` pools hold: map -> [(client, vip, port, addr, port)]."""
     out: dict[str, list] = {}
     for q, _ in lost.values():
@@ -308,7 +308,7 @@ def _remembered(nft: Backend, table: str, lost) -> dict[str, list]:
     return out
 
 
-def _forget(nft: Backend, table: str, lost) -> int:
+def _forget(nft: Kernel, table: str, lost) -> int:
     """Forget persisted clients of backends that left their pool; they expire anyway, so a
     race with an expiry is retried with a fresh listing, and then given up.
     Returns the transactions committed (0 or 1)."""
@@ -324,7 +324,7 @@ def _forget(nft: Backend, table: str, lost) -> int:
     return 0
 
 
-def apply(path: str | Path, nft: Backend, state_dir: Path, *, dry_run: bool = False) -> Result:
+def apply(path: str | Path, nft: Kernel, state_dir: Path, *, dry_run: bool = False) -> Result:
     """Bring our table to the state the file asks for (with the health view and drains), in one
     kernel transaction: only what changed when the live table is what nftlb left, else the
     whole table. Dry run: the diff, and the kernel's check of the transaction; no change."""
@@ -356,7 +356,7 @@ def _counted(state_dir: Path, run) -> Result:
 def _apply(
     source: str,
     text: str,
-    nft: Backend,
+    nft: Kernel,
     state_dir: Path,
     *,
     dry_run: bool,
@@ -449,7 +449,7 @@ def history(state_dir: Path) -> list[dict]:
     ]
 
 
-def rollback(nft: Backend, state_dir: Path, *, dry_run: bool = False) -> tuple[dict, Result]:
+def rollback(nft: Kernel, state_dir: Path, *, dry_run: bool = False) -> tuple[dict, Result]:
     """Put back the generation applied before the live one, in one transaction (with today's
     health and drains). A second rollback goes one further back."""
     started = time.monotonic()
@@ -498,7 +498,7 @@ class Refresh:
     plan: planlib.Plan
 
 
-def refresh(nft: Backend, state_dir: Path, *, whole_table: bool = False) -> Refresh:
+def refresh(nft: Kernel, state_dir: Path, *, whole_table: bool = False) -> Refresh:
     """Re-plan the applied file with the current health view and drains, and commit the difference:
     one small transaction for the affected pools (the whole table when asked, e.g. after a failed
     transaction, or when the live table may have been changed by someone else).
@@ -599,7 +599,7 @@ def _find_backend(config: schema.Config, pool_name: str, backend: str) -> str:
     raise UsageError(f"pool {pool_name} has no single backend {backend!r} (backends: {', '.join(displays)})")
 
 
-def set_drain(nft: Backend, state_dir: Path, pool: str, backend: str, drained: bool) -> tuple[str, Refresh]:
+def set_drain(nft: Kernel, state_dir: Path, pool: str, backend: str, drained: bool) -> tuple[str, Refresh]:
     """Operator override: drain (no new connections, whatever its health) or enable again."""
     with state.lock(state_dir):
         applied = state.load(state_dir)
@@ -620,7 +620,7 @@ def set_drain(nft: Backend, state_dir: Path, pool: str, backend: str, drained: b
             raise
 
 
-def remove(nft: Backend, state_dir: Path, table: str | None = None) -> str | None:
+def remove(nft: Kernel, state_dir: Path, table: str | None = None) -> str | None:
     """Delete our table (and only it). Returns the table deleted, None when there was none."""
     if table is not None and (not schema.TABLE_NAME.fullmatch(table) or table in schema.NFT_KEYWORDS):
         raise UsageError(f"{table!r} is not a table name")

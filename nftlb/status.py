@@ -17,9 +17,9 @@ from pathlib import Path
 
 from nftlb import ops, state
 from nftlb import plan as planlib
-from nftlb.backend import Backend
-from nftlb.conntrack import Tool
 from nftlb.errors import StateError
+from nftlb.kernel import Kernel
+from nftlb.kernel.conntrack import Tool
 
 
 def _addr(text: str) -> str:
@@ -29,7 +29,7 @@ def _addr(text: str) -> str:
 Key = tuple[str, str, int, str, int]  # vip, protocol, port, backend address, backend port
 
 
-def counters(nft: Backend, table: str) -> tuple[dict[str, dict[Key, dict]], bool]:
+def counters(nft: Kernel, table: str) -> tuple[dict[str, dict[Key, dict]], bool]:
     """{"conns": {key: {"packets", "bytes"}}, "traffic": {...}} from the accounting sets, and
     whether the table is there (listing a set is cheap; `list tables` is not, at 10,000 pools)."""
     out: dict[str, dict[Key, dict]] = {"conns": {}, "traffic": {}}
@@ -57,7 +57,7 @@ def open_connections(conntrack: str | None = None) -> dict[Key, int] | None:
     return Tool(conntrack).open_connections()
 
 
-def collect(nft: Backend, state_dir: Path, *, conntrack: str | None = None, now: float | None = None) -> dict:
+def collect(nft: Kernel, state_dir: Path, *, conntrack: str | None = None, now: float | None = None) -> dict:
     """Everything `nftlb status --json` prints: stable keys, one entry per pool and backend."""
     applied = state.load(state_dir)
     if applied is None:

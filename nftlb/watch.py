@@ -18,8 +18,8 @@ from pathlib import Path
 
 from nftlb import health, ops, probes, state
 from nftlb import plan as planlib
-from nftlb.backend import Backend
 from nftlb.errors import ConfigError, NftlbError
+from nftlb.kernel import Kernel
 
 log = logging.getLogger("nftlb")
 SAVE_EVERY = 10.0  # seconds between health.json writes when only probe times changed
@@ -28,7 +28,7 @@ SAVE_EVERY = 10.0  # seconds between health.json writes when only probe times ch
 class Watcher:
     def __init__(
         self,
-        nft: Backend,
+        nft: Kernel,
         state_dir: Path,
         *,
         probe: probes.Probe = probes.tcp_probe,
@@ -257,7 +257,7 @@ class Watcher:
                 w.cancel()
 
 
-def serve(file: Path, nft: Backend, state_dir: Path, *, metrics_at: str | None = None, **kw) -> int:
+def serve(file: Path, nft: Kernel, state_dir: Path, *, metrics_at: str | None = None, **kw) -> int:
     """`nftlb watch FILE`: apply FILE, then watch until SIGTERM; SIGHUP re-applies FILE.
     With `metrics_at` (HOST:PORT), serve Prometheus metrics there."""
     state_dir = Path(state_dir)
@@ -265,10 +265,12 @@ def serve(file: Path, nft: Backend, state_dir: Path, *, metrics_at: str | None =
     fd = state.watch_lock(state_dir)
     try:
         if metrics_at is not None:
-            from nftlb import backend as backends  # prometheus-client only when asked
-            from nftlb import metrics
+            from nftlb import (
+                kernel,  # prometheus-client only when asked
+                metrics,
+            )
 
-            reg = metrics.registry(lambda: backends.make(nft.name), state_dir)
+            reg = metrics.registry(lambda: kernel.make(nft.name), state_dir)
             histogram = metrics.probe_histogram(reg)
             kw["observe"] = lambda ok, seconds: histogram.labels("ok" if ok else "failed").observe(seconds)
             metrics.serve(reg, metrics_at)
@@ -311,7 +313,7 @@ def serve(file: Path, nft: Backend, state_dir: Path, *, metrics_at: str | None =
         os.close(fd)
 
 
-def once(file: Path, nft: Backend, state_dir: Path, **kw) -> bool:
+def once(file: Path, nft: Kernel, state_dir: Path, **kw) -> bool:
     """`nftlb watch FILE --once`: bring the table to FILE (a no-op when in sync), then one
     probe round of every backend; streaks persist in the state dir between runs."""
     ops.check(file)  # a bad file is refused before the state dir is touched

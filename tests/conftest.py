@@ -20,10 +20,10 @@ def write(tmp_path):
 
 @pytest.fixture
 def kernel(monkeypatch):
-    """The in-memory kernel, also what `nftlb.backend.make()` returns (for CLI tests)."""
-    from nftlb import backend
-    from nftlb.fake import Fake
+    """The in-memory kernel, also what `nftlb.kernel.make()` returns (for CLI tests)."""
+    from nftlb import kernel
+    from nftlb.kernel.fake import Fake
 
     fake = Fake()
-    monkeypatch.setattr(backend, "make", lambda name=None: fake)
+    monkeypatch.setattr(kernel, "make", lambda name=None: fake)
     return fake

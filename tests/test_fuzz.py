@@ -41,10 +41,11 @@ from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from nftlb import backend, cli, pools_file, render, schema, units, update, yamltree
+import nftlb.kernel as kernel_seam
+from nftlb import cli, pools_file, render, schema, units, update, yamltree
 from nftlb import plan as planlib
 from nftlb.errors import ConfigError
-from nftlb.fake import Fake
+from nftlb.kernel.fake import Fake
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "rules" / "web.yaml"
@@ -212,7 +213,7 @@ class _App:
 
 def run(argv: list, kernel: Fake, state_dir: Path) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    with mock.patch.object(backend, "make", lambda name=None: kernel), mock.patch.object(cli, "app", _App()), \
+    with mock.patch.object(kernel_seam, "make", lambda name=None: kernel), mock.patch.object(cli, "app", _App()), \
             mock.patch.dict(os.environ, {"NFTLB_STATE_DIR": str(state_dir)}), \
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main([str(a) for a in argv])

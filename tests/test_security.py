@@ -5,7 +5,7 @@ import stat
 from pathlib import Path
 
 from nftlb import metrics, ops, state
-from nftlb.fake import Fake
+from nftlb.kernel.fake import Fake
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nftlb"
 

@@ -6,7 +6,7 @@ from plans import random_plans
 
 from nftlb import plan, pools_file, render, update
 from nftlb.diff import normalize
-from nftlb.fake import Fake
+from nftlb.kernel.fake import Fake
 
 WEB = """
 seed: 0x5eed

@@ -7,7 +7,7 @@ import pytest
 
 from nftlb import health, ops, probes, state
 from nftlb.diff import normalize
-from nftlb.fake import Fake
+from nftlb.kernel.fake import Fake
 from nftlb.watch import Watcher
 
 POOLS = """

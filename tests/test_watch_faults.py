@@ -25,7 +25,7 @@ import pytest
 from nftlb import ops, state
 from nftlb.diff import normalize
 from nftlb.errors import StateError
-from nftlb.fake import Fake
+from nftlb.kernel.fake import Fake
 from nftlb.watch import Watcher
 
 RISE, FALL = 2, 3

@@ -1,4 +1,5 @@
-"""An in-memory stand-in for the kernel, for unit tests.
+"""In-memory stand-ins for the kernel, for unit tests: `Fake` (nf_tables), `FakeConntrack`,
+and `FakeExec` (the programs nftlb runs).
 
 It understands exactly the statements nftlb emits (the whole-table script and the
 small update transactions), keeps tables as objects with elements and rules, and
@@ -15,6 +16,26 @@ import re
 from nftlb.errors import KernelError
 
 _ABSENT = "No such file or directory"
+
+
+class FakeExec:
+    """Stands in for nftlb.kernel.exec.RUNNER: records (program, argv, stdin) and answers from
+    `answers`, keyed by the program's name and its first arguments; (0, "", "") otherwise."""
+
+    def __init__(self, answers: dict[tuple[str, ...], tuple[int, str, str]] | None = None):
+        self.answers = dict(answers or {})
+        self.calls: list[tuple[str, list[str], str | None]] = []
+
+    def __call__(self, path: str, argv: list[str], stdin: str | None, timeout: float):
+        from nftlb.kernel.exec import Result
+
+        assert isinstance(argv, list) and all(type(a) is str for a in argv), argv  # an argv, never a line
+        name = path.rsplit("/", 1)[-1]
+        self.calls.append((name, argv, stdin))
+        for n in range(len(argv), -1, -1):
+            if (name, *argv[:n]) in self.answers:
+                return Result(*self.answers[(name, *argv[:n])])
+        return Result(0, "", "")
 
 
 class FakeConntrack:

@@ -1,21 +1,19 @@
-"""Conntrack, the kernel's table of connections, through the conntrack tool (conntrack-tools):
-what nftlb reads there (open connections, for `status`) and deletes (a pool's stale flows,
-see nftlb.update.flows). Argument lists, never a shell; one place finds the tool.
+"""Conntrack, the kernel's table of connections, through the conntrack tool (conntrack-tools,
+run by nftlb.kernel.exec): what nftlb reads there (open connections, for `status`) and
+deletes (a pool's stale flows, see nftlb.update.flows; its path probes' entries).
 
-`Tool` acts on the network namespace it runs in; nftlb.fake.FakeConntrack stands in for
-unit tests, so that no test touches a real conntrack table by accident.
+`Tool` acts on the network namespace it runs in; nftlb.kernel.fake.FakeConntrack stands in
+for unit tests, so that no test touches a real conntrack table by accident.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import shutil
-import subprocess
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nftlb.errors import KernelError
+from nftlb.kernel import exec as exec_
 
 if TYPE_CHECKING:  # only the type: the pure nftlb.update stays apart from subprocesses
     from nftlb.update import Flows
@@ -28,12 +26,6 @@ MOST = 10_000  # unreplied UDP entries deleted one by one in a go: more wait for
 Key = tuple[str, str, int, str, int]  # vip, protocol, port, backend address, backend port
 
 
-def find() -> str | None:
-    return shutil.which("conntrack") or next(
-        (p for p in ("/usr/sbin/conntrack", "/sbin/conntrack") if Path(p).exists()), None
-    )
-
-
 def _addr(text: str) -> str:
     return str(ipaddress.ip_address(text))
 
@@ -42,14 +34,14 @@ class Tool:
     name = "conntrack"
 
     def __init__(self, path: str | None = None):
-        self.path = find() if path is None else (path or None)  # "": none, on purpose
+        self.path = exec_.find("conntrack") if path is None else (path or None)  # "": none, on purpose
 
-    def _run(self, argv: list[str], what: str) -> subprocess.CompletedProcess:
+    def _run(self, argv: list[str], what: str) -> exec_.Result:
         if not self.path:
             raise KernelError(f"{what}: the conntrack tool is not installed (Debian package conntrack)")
         try:
-            return subprocess.run([self.path, *argv], capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            return exec_.run(self.path, argv, timeout=60)
+        except KernelError as e:
             raise KernelError(f"{what}: {e}") from None
 
     def delete(self, flows: Flows) -> int:
@@ -93,7 +85,7 @@ class Tool:
         return self._deleted(self._run(["-D", "-f", family, "--reply-dst", address], what), what)
 
     @staticmethod
-    def _deleted(proc: subprocess.CompletedProcess, what: str) -> int:
+    def _deleted(proc: exec_.Result, what: str) -> int:
         if proc.returncode == 1 and "0 flow entries" in proc.stderr:
             return 0  # nothing matched
         if proc.returncode != 0:
