@@ -11,8 +11,9 @@ check as in the templates; addresses are ipaddress objects.
 
 from __future__ import annotations
 
+from nftlb import names
+from nftlb.allowlist import ident
 from nftlb.plan import Plan, PoolPlan
-from nftlb.render import ident
 
 
 def _service(p: PoolPlan) -> str:
@@ -23,17 +24,17 @@ def of_pool(p: PoolPlan) -> dict[str, dict[str, str]]:
     """Object name -> {key: element} for one pool."""
     name = ident(p.name)
     service, vip = _service(p), f"{p.vip} . {p.port}"
-    out: dict[str, dict[str, str]] = {f"pools{p.fam}": {service: service}}  # what the accounting counts
+    out: dict[str, dict[str, str]] = {names.pools(p.fam): {service: service}}  # what the accounting counts
     # a pool without a backend for new connections goes to the `refuse` chain: answered at once
-    out[f"services{p.fam}"] = {service: f'{service} comment "{name}" : goto {ident(p.chain or "refuse")}'}
+    out[names.services(p.fam)] = {service: f'{service} comment "{name}" : goto {ident(p.chain or names.REFUSE)}'}
     if p.kind == "direct":
-        out[f"direct{p.fam}_{p.protocol}"] = {vip: f'{vip} comment "{name}" : {p.slots[0].nft}'}
+        out[names.direct(p.fam, p.protocol)] = {vip: f'{vip} comment "{name}" : {p.slots[0].nft}'}
     elif p.slots:
-        out[f"slots{p.fam}_{p.protocol}"] = {f"{vip} . {i}": f"{vip} . {i} : {b.nft}" for i, b in enumerate(p.slots)}
+        out[names.slots(p.fam, p.protocol)] = {f"{vip} . {i}": f"{vip} . {i} : {b.nft}" for i, b in enumerate(p.slots)}
     if p.mode == "masquerade":
-        out[f"masquerade{p.fam}_{p.protocol}"] = {vip: f'{vip} comment "{name}"'}
+        out[names.masquerade(p.fam, p.protocol)] = {vip: f'{vip} comment "{name}"'}
     if p.persistence:
-        out[f"persist{p.fam}_{p.protocol}_{p.persistence}"] = {vip: f'{vip} comment "{name}"'}
+        out[names.persist(p.fam, p.protocol, p.persistence)] = {vip: f'{vip} comment "{name}"'}
     return out
 
 

@@ -34,6 +34,10 @@ class KernelError(NftlbError):
     """nft or libnftables refused a command; the message carries what nft said."""
 
 
+class RenderError(UsageError, ValueError):
+    """Refused at render time (nftlb.allowlist): nothing was rendered, nothing reached the kernel."""
+
+
 class StateError(NftlbError):
     """The state dir cannot be read, written or locked."""
 

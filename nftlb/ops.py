@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
-from nftlb import __version__, errors, maglev, pools_file, render, schema, state, update
+from nftlb import __version__, allowlist, errors, maglev, names, pools_file, render, schema, state, update
 from nftlb import diff as difflib_
 from nftlb import plan as planlib
 from nftlb.errors import KernelError, StateError, UsageError
@@ -239,7 +239,7 @@ def _commit(
     else:
         script, changes = update.script(old, want.plan)
     if retire:  # we moved to a new table name: retire the old one (a name read back from applied.json)
-        script += f"delete table inet {render.table_name(retire)}\n"
+        script += f"delete table inet {allowlist.table_name(retire)}\n"
     if check:
         nft.run(script, check=True)
         return changes
@@ -289,14 +289,15 @@ def clear_flows(nft: Kernel, stale: list[update.Flows]) -> int:
     return gone
 
 
-def _remembered(nft: Kernel, table: str, lost) -> dict[str, list]:
-    """Clients the persistence maps of `lost` pools hold: map -> [(client, vip, port, addr, port)]."""
-    out: dict[str, list] = {}
+def _remembered(nft: Kernel, table: str, lost) -> dict[tuple[str, str, int], list]:
+    """Clients the persistence maps of `lost` pools hold: (fam, protocol, seconds) of the map ->
+    [(client, vip, port, addr, port)]."""
+    out: dict[tuple[str, str, int], list] = {}
     for q, _ in lost.values():
-        name = f"sticky{q.fam}_{q.protocol}_{q.persistence}"
-        if name in out:
+        which = (q.fam, q.protocol, q.persistence)
+        if which in out:
             continue
-        listing = nft.list(f"map inet {table} {name}")
+        listing = nft.list(f"map inet {table} {names.sticky(*which)}")
         entries = []
         for obj in json.loads(listing or "{}").get("nftables", []):
             for key, value in obj.get("map", {}).get("elem", []):
@@ -304,7 +305,7 @@ def _remembered(nft: Kernel, table: str, lost) -> dict[str, list]:
                 client, vip, port = key["concat"]
                 address, bport = value["concat"]
                 entries.append((client, vip, port, address, bport))
-        out[name] = entries
+        out[which] = entries
     return out
 
 
@@ -433,9 +434,9 @@ def _apply(
 def _summary_line(r: Result) -> str:
     s = r.summary
     parts = [f"{s['pools']} pools, {s['backends']} backends"]
-    for verb, names in (("added", r.pools_added), ("removed", r.pools_removed), ("changed", r.pools_changed)):
-        if names:
-            parts.append(f"{verb} {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
+    for verb, pools in (("added", r.pools_added), ("removed", r.pools_removed), ("changed", r.pools_changed)):
+        if pools:
+            parts.append(f"{verb} {', '.join(pools[:5])}" + (f" and {len(pools) - 5} more" if len(pools) > 5 else ""))
     return "; ".join(parts)
 
 

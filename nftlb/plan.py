@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, reduce
 from math import gcd
 
-from nftlb import maglev
+from nftlb import maglev, names
 from nftlb.schema import Config, IPAddress, Pool
 
 KINDS = {"hash": "hash", "source-hash": "srchash", "random": "random", "round-robin": "rr"}
@@ -103,11 +103,10 @@ class PoolPlan:
         if not kind:
             return ""  # refused: no chain
         if kind == "direct":
-            return f"direct{self.fam}_{self.protocol}"
-        if kind == "rr":  # numgen inc keeps its counter per rule: a chain of its own
-            return f"rr_{self.name}"
-        sticky = f"_p{self.persistence}" if self.persistence else ""
-        return f"{kind}{self.fam}_{self.protocol}_{len(self.slots)}{sticky}"
+            return names.direct(self.fam, self.protocol)
+        if kind == "rr":
+            return names.round_robin_chain(self.name)
+        return names.pick_chain(kind, self.fam, self.protocol, len(self.slots), self.persistence)
 
     @property
     def service(self) -> str:

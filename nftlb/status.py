@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from nftlb import ops, state
+from nftlb import names, ops, state
 from nftlb import plan as planlib
 from nftlb.errors import StateError
 from nftlb.kernel import Kernel
@@ -35,7 +35,7 @@ def counters(nft: Kernel, table: str) -> tuple[dict[str, dict[Key, dict]], bool]
     out: dict[str, dict[Key, dict]] = {"conns": {}, "traffic": {}}
     for what in out:
         for fam in ("4", "6"):
-            listing = nft.list(f"set inet {table} {what}{fam}")
+            listing = nft.list(f"set inet {table} {names.counted(what, fam)}")
             if listing is None:
                 return {"conns": {}, "traffic": {}}, False
             for obj in json.loads(listing or "{}").get("nftables", []):

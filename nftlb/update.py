@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nftlb import elements, render
+from nftlb import elements, names, render
 from nftlb.plan import Plan, PoolPlan
 
 
@@ -89,16 +89,16 @@ def changes(old: Plan, new: Plan) -> Changes:
     c.add_chains += [(name, q) for name, q in new_chains.items() if name not in old_chains]
 
     if old.path_sources != new.path_sources:
-        c.flush_chains.append("path_probes")
+        c.flush_chains.append(names.PATH_PROBES)
         c.path_probes = new
 
     old_sticky, new_sticky = set(old.sticky()), set(new.sticky())
     if old_sticky != new_sticky:
-        c.flush_chains.insert(0, "remember")
+        c.flush_chains.insert(0, names.REMEMBER)
         c.remember = new
         for f, proto, secs in sorted(old_sticky - new_sticky):
-            c.delete_sets.append(f"persist{f}_{proto}_{secs}")
-            c.delete_maps.append(f"sticky{f}_{proto}_{secs}")
+            c.delete_sets.append(names.persist(f, proto, secs))
+            c.delete_maps.append(names.sticky(f, proto, secs))
         c.add_sticky = sorted(new_sticky - old_sticky)
     return c
 
@@ -116,24 +116,24 @@ def losers(old: Plan, new: Plan) -> dict[str, tuple[PoolPlan, set]]:
     return out
 
 
-def forget(table: str, remembered: dict[str, list[tuple[str, str, int, str, int]]], lost) -> str:
+def forget(table: str, remembered: dict[tuple[str, str, int], list[tuple[str, str, int, str, int]]], lost) -> str:
     """The deletion of remembered clients of `lost` pools (see losers()) whose backend is gone.
 
-    `remembered`: sticky map name -> [(client, vip, port, backend address, backend port)].
+    `remembered`: (fam, protocol, seconds) of a persistence map -> [(client, vip, port, backend
+    address, backend port)].
     A separate transaction: remembered clients expire on their own, so one may be gone by
     the time it is deleted, and that must not fail the change that took the backend out.
     """
     by_service = {(str(q.vip), q.port, q.protocol): (q, keep) for q, keep in lost.values()}
     doomed = []
-    for name, entries in remembered.items():
-        proto = name.split("_")[1]
+    for (fam, proto, seconds), entries in remembered.items():
         keys = []
         for client, vip, port, address, bport in entries:
             hit = by_service.get((vip, port, proto))
             if hit and not any(str(b.address) == address and b.port == bport for b in hit[1]):
                 keys.append(elements.sticky_key(client, hit[0]))
         if keys:
-            doomed.append((name, keys))
+            doomed.append((names.sticky(fam, proto, seconds), keys))
     if not doomed:
         return ""
     return render.update(table, 0, Changes(delete_elements=doomed))

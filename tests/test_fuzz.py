@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 import nftlb.kernel as kernel_seam
-from nftlb import cli, pools_file, render, schema, units, update, yamltree
+from nftlb import cli, errors, pools_file, render, schema, units, update, yamltree
 from nftlb import plan as planlib
 from nftlb.errors import ConfigError
 from nftlb.kernel.fake import Fake
@@ -759,14 +759,14 @@ def test_the_plan_renders_as_it_is():
 @pytest.mark.parametrize("what", BYPASSES)
 def test_render_refuses_what_validation_would_have(what):
     bad = _bypass(_plan(), what)
-    with pytest.raises(render.RenderError, match="refusing to render"):
+    with pytest.raises(errors.RenderError, match="refusing to render"):
         render.ruleset(bad)
-    assert issubclass(render.RenderError, ValueError) and render.RenderError.exit_code == 2
+    assert issubclass(errors.RenderError, ValueError) and errors.RenderError.exit_code == 2
     if what in ("vip of the other family", "port out of range", "backend port as text"):
         return  # a small transaction spells these harmlessly (plain addresses and digits); the kernel refuses them
     good = _plan()
     # a small transaction from a good plan: render refuses it (a scheduler that is none fails in plan.kind first)
-    with pytest.raises(KeyError if what == "scheduler" else render.RenderError):
+    with pytest.raises(KeyError if what == "scheduler" else errors.RenderError):
         if (good.table, good.seed) == (bad.table, bad.seed):
             update.script(good, bad)
         else:
@@ -791,9 +791,9 @@ def test_render_refuses_elements_and_names_of_a_forged_transaction():
         update.Changes(add_elements=[("slots4_tcp", [7])]),
     ]
     for changes in forged:
-        with pytest.raises(render.RenderError, match="refusing to"):
+        with pytest.raises(errors.RenderError, match="refusing to"):
             render.update("nftlb", 1, changes)
-    with pytest.raises(render.RenderError):
+    with pytest.raises(errors.RenderError):
         render.update("nftlb; flush ruleset", 1, ok)
 
 
@@ -808,7 +808,7 @@ def test_render_refuses_any_pool_name_but_a_plain_one(name):
         if schema.POOL_NAME.fullmatch(name):
             check_ruleset(render.ruleset(forged), {"pools": [{"name": p.name} for p in pools]})
         else:
-            with pytest.raises(render.RenderError):
+            with pytest.raises(errors.RenderError):
                 render.ruleset(forged)
 
 
@@ -875,9 +875,9 @@ def test_systemd_units_quote_any_printable_path(file_name, state_name):
 
 @pytest.mark.parametrize("bad", ["a\nExecStartPre=/bin/sh -c reboot", "a\rb", "tab\there", "esc\x1b[0m", "del\x7f"])
 def test_systemd_refuses_control_characters_in_paths(bad, tmp_path):
-    with pytest.raises(render.RenderError, match="systemd unit"):
+    with pytest.raises(errors.RenderError, match="systemd unit"):
         units.render_units(Path("/etc/nftlb") / bad, tmp_path / "state")
-    with pytest.raises(render.RenderError, match="systemd unit"):
+    with pytest.raises(errors.RenderError, match="systemd unit"):
         units.render_units(tmp_path / "pools.yaml", Path("/var/lib") / bad)
 
 
@@ -921,7 +921,7 @@ def test_systemd_analyze_accepts_units_with_odd_paths(tmp_path):
 def test_every_string_in_the_templates_passes_a_filter():
     """Each {{ ... }} in an nft template names a loop variable of the template itself, or passes
     an allow-list filter (ident, table_name, token, num, address), or is a list of elements that
-    render.check_elements() has matched: nothing reaches nft unchecked."""
+    allowlist.check_elements() has matched: nothing reaches nft unchecked."""
     loop_vars = {"family", "addr_type", "n", "f", "proto", "what", "nfproto", "hook", "priority"}
     for path in sorted((ROOT / "templates").glob("*.nft.j2")):
         for expr in re.findall(r"{{(.*?)}}", path.read_text(), re.S):

@@ -5,7 +5,7 @@ import jinja2
 import pytest
 from conftest import ROOT
 
-from nftlb import plan, pools_file, render
+from nftlb import allowlist, errors, plan, pools_file, render, units
 
 GOLDEN = ROOT / "tests" / "golden"
 EXAMPLES = sorted((ROOT / "rules").glob("*.yaml"))
@@ -106,10 +106,10 @@ def test_template_dir_found():
 
 def test_render_refusals_are_bad_input():
     """A refusal at render time is exit 2 like a validation problem, and still a ValueError."""
-    assert issubclass(render.RenderError, ValueError) and render.RenderError.exit_code == 2
-    with pytest.raises(render.RenderError, match="nftables table name"):
+    assert issubclass(errors.RenderError, ValueError) and errors.RenderError.exit_code == 2
+    with pytest.raises(errors.RenderError, match="nftables table name"):
         render.ruleset(plan.Plan(table="flush", seed=1, pools=()))  # a keyword: nft would not parse it
-    with pytest.raises(render.RenderError, match="as a number"):
+    with pytest.raises(errors.RenderError, match="as a number"):
         render.ruleset(plan.Plan(table="lb", seed="1; flush ruleset", pools=()))
 
 
@@ -119,7 +119,7 @@ def test_zone_index_cannot_reach_the_ruleset():
 
     p = plan.build(pools_file.parse('pools: [{name: a, vip: "2001:db8::1", port: 80, backends: ["fd00::1"]}]\n'))
     forged = dataclasses.replace(p, pools=(dataclasses.replace(p.pools[0], vip=ipaddress.IPv6Address("2001:db8::1%x}")),))
-    with pytest.raises(render.RenderError, match="refusing to render"):
+    with pytest.raises(errors.RenderError, match="refusing to render"):
         render.ruleset(forged)
 
 
@@ -133,20 +133,20 @@ def test_zone_index_cannot_reach_the_ruleset():
     ("/a;b", '"/a;b"', '"/a;b"'),
 ])
 def test_systemd_quote(word, quoted, path):
-    assert render.systemd_quote(word) == quoted
-    assert render.systemd_path(word) == path
+    assert units.systemd_quote(word) == quoted
+    assert units.systemd_path(word) == path
 
 
 @pytest.mark.parametrize("bad", ["/a\nExecStartPre=/bin/sh", "/a\rb", "/a\tb", "/a\x1bb", "/a\x00b", "/a\udcffb"])
 def test_systemd_refuses_what_a_unit_line_cannot_carry(bad):
-    for quote in (render.systemd_quote, render.systemd_path, render.systemd_text, render.systemd_comment):
-        with pytest.raises(render.RenderError, match="systemd unit"):
+    for quote in (units.systemd_quote, units.systemd_path, units.systemd_text, units.systemd_comment):
+        with pytest.raises(errors.RenderError, match="systemd unit"):
             quote(bad)
 
 
 @pytest.mark.parametrize("shape", [True, False])
 def test_elements_cannot_leave_their_set(shape):
-    render.check_elements("services4", ['198.51.100.1 . tcp . 80 comment "web" : goto hash4_tcp_53',
+    allowlist.check_elements("services4", ['198.51.100.1 . tcp . 80 comment "web" : goto hash4_tcp_53',
                                         "2001:db8::1 . 80 . 0 : fd00::1 . 8080"], shape=shape)
     for bad in ["198.51.100.1 . tcp . 80 } ; flush ruleset ; add element inet nftlb services4 { 198.51.100.2",
                 "198.51.100.1 . tcp . 80\ndelete table inet nftlb",
@@ -154,7 +154,7 @@ def test_elements_cannot_leave_their_set(shape):
                 "198.51.100.1 . tcp . 80, 198.51.100.2 . tcp . 80",
                 "198.51.100.1 . tcp . 80 # comment",
                 "2001:db8::1%eth0 . 80"]:
-        with pytest.raises(render.RenderError, match="as an element of services4"):
-            render.check_elements("services4", [bad], shape=shape)
-    with pytest.raises(render.RenderError, match="as an element"):  # the shape, where it is checked
-        render.check_elements("services4", ["198.51.100.1 . tcp . 80 : drop"])
+        with pytest.raises(errors.RenderError, match="as an element of services4"):
+            allowlist.check_elements("services4", [bad], shape=shape)
+    with pytest.raises(errors.RenderError, match="as an element"):  # the shape, where it is checked
+        allowlist.check_elements("services4", ["198.51.100.1 . tcp . 80 : drop"])
