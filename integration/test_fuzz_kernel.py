@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from integration.lab import IP, PROCESS_PREFIX, _run
-from nftlb import ops, schema
+from nftlb import desired, schema
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -72,7 +72,7 @@ def load_and_delete(ns: str, config: dict, text: str) -> None:
     with tempfile.TemporaryDirectory(prefix="nftlb-fuzz-") as tmp:
         path = Path(tmp) / "pools.yaml"
         path.write_text(text)
-        want = ops.desired(path)
+        want = desired.of_file(path)
     table = want.plan.table
     assert table == config["table"]
     loaded = nft(ns, "-f", "-", input=want.script)

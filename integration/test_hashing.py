@@ -11,7 +11,7 @@ import pytest
 
 from integration.test_apply import VIP, VIP6, Gateway, pool
 from integration.test_watch import HEALTH, WatchProcess
-from nftlb import ops
+from nftlb import explain
 
 NAME = {"10.0.0.11": "b1", "10.0.0.12": "b2", "10.0.0.13": "b3", "fd00:b::11": "b1", "fd00:b::12": "b2",
         "fd00:b::13": "b3"}
@@ -36,7 +36,7 @@ def test_the_kernel_picks_what_explain_predicts(gw, lab, scheduler, vip, client)
     answers = ports(lab, vip, 80, 41000, 60)
     assert all(b for _, b in answers)
     for sport, backend in answers:
-        predicted = ops.explain(f, "web", client=(client, sport))["client"]["backend"]
+        predicted = explain.pool(f, "web", client=(client, sport))["client"]["backend"]
         assert NAME[predicted.rsplit(":", 1)[0].strip("[]")] == backend, (sport, predicted, backend)
     if scheduler == "source-hash":
         assert len({b for _, b in answers}) == 1  # one client address, one backend

@@ -24,7 +24,7 @@ from integration.lab import LabTimeout, _LineReader
 from integration.test_apply import NFTLB, VIP, Gateway, pool
 from integration.test_watch import FALL, HEALTH, INTERVAL, WatchProcess, wait_for
 from integration.test_watch import TIMEOUT as PROBE_TIMEOUT
-from nftlb import ops
+from nftlb import explain
 
 CLIENT = "192.0.2.2"
 NAME = {"10.0.0.11": "b1", "10.0.0.12": "b2", "10.0.0.13": "b3", "10.0.0.14": "b4"}
@@ -360,7 +360,7 @@ def test_backend_killed_under_load_fails_only_its_connections_until_down(lab, tm
     watcher.saw("watching 3 backends in 1 pools")
 
     def predicted(sport: int, state_dir=None) -> str:
-        backend = ops.explain(f, "web", state_dir, client=(CLIENT, sport))["client"]["backend"]
+        backend = explain.pool(f, "web", state_dir, client=(CLIENT, sport))["client"]["backend"]
         return NAME[backend.rsplit(":", 1)[0]]
 
     # The in-process prediction is the CLI's: one spot check of `nftlb explain --json`.

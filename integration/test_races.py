@@ -30,7 +30,7 @@ import pytest
 
 from integration.lab import IP, _run
 from integration.test_apply import REJECTED, VIP, Gateway, pool
-from nftlb import ops, state
+from nftlb import desired, state
 from nftlb.diff import normalize
 
 RACERS = 50
@@ -187,7 +187,7 @@ def test_fifty_concurrent_operations_leave_one_consistent_state(gw, lab, scratch
     live = gw.live()
     if applied.snapshot is not None:
         assert live == applied.snapshot
-    want = ops._desired(applied.source, applied.source_text, ops.status_of(gw.state, applied))
+    want = desired.of_text(applied.source, applied.source_text, desired.conditions_of(gw.state, applied))
     _run([IP, "netns", "exec", scratch_ns, "nft", "-f", "-"], input=want.script, timeout=30)
     scratch = _run([IP, "netns", "exec", scratch_ns, "nft", "-j", "list", "table", "inet", "nftlb"], timeout=30)
     assert normalize(scratch.stdout) == live

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from nftlb import __version__, kernel, ops, pools_file, schema, state, units
+from nftlb import __version__, desired, explain, kernel, ops, pools_file, schema, state, units
 from nftlb import plan as planlib
 from nftlb import watch as watcher
 from nftlb.errors import EXIT_DIFFERENT, EXIT_SYSTEM, ConfigError, NftlbError, UsageError
@@ -126,7 +126,7 @@ def validate(file: FileArg, as_json: JsonOpt = False) -> None:
     """
     _Opts.json = as_json
     config = pools_file.load(file)
-    s = ops.summary(planlib.build(config))
+    s = desired.summary(planlib.build(config))
     _out(
         as_json,
         {"ok": True, "file": str(file), **s},
@@ -143,7 +143,7 @@ def render_(file: FileArg, as_json: JsonOpt = False) -> None:
       nftlb render pools.yaml > lb.nft && nft -c -f lb.nft
     """
     _Opts.json = as_json
-    want = ops.desired(file)
+    want = desired.of_file(file)
     _out(as_json, {"table": want.plan.table, "ruleset": want.script}, want.script)
 
 
@@ -161,7 +161,7 @@ def diff(
       nftlb diff pools.yaml || echo "live table differs"
     """
     _Opts.json = as_json
-    ops.check(file)  # a bad file is exit 2 even where the kernel cannot be reached
+    desired.check(file)  # a bad file is exit 2 even where the kernel cannot be reached
     want, d = ops.compare(file, _kernel(backend), state_dir)
     text = _drift(d) + (
         d.changes or ("" if not d.in_sync else f"table inet {want.plan.table} is in sync with {file}\n")
@@ -189,7 +189,7 @@ def apply(
       nftlb apply pools.yaml
     """
     _Opts.json = as_json
-    ops.check(file)  # a bad file is exit 2 even where the kernel cannot be reached
+    desired.check(file)  # a bad file is exit 2 even where the kernel cannot be reached
     r = ops.apply(file, _kernel(backend), state_dir, dry_run=dry_run)
     s = r.summary
     if r.action == "in-sync":
@@ -267,7 +267,7 @@ def watch(
       nftlb watch /etc/nftlb/pools.yaml --once     # from cron
       nftlb watch /etc/nftlb/pools.yaml --metrics 127.0.0.1:9650
     """
-    ops.check(file)  # a bad file is exit 2 even where the kernel cannot be reached
+    desired.check(file)  # a bad file is exit 2 even where the kernel cannot be reached
     nft = _kernel(backend)
     if once:
         if not watcher.once(file, nft, state_dir, concurrency=concurrency):
@@ -375,8 +375,8 @@ def systemd(
     )
 
 
-@app.command()
-def explain(
+@app.command("explain")
+def explain_(
     file: FileArg,
     pool: PoolArg,
     client: Annotated[
@@ -394,7 +394,7 @@ def explain(
     """
     _Opts.json = as_json
     who = _client(client) if client else None
-    e = ops.explain(file, pool, state_dir if state_dir.exists() else None, who)
+    e = explain.pool(file, pool, state_dir if state_dir.exists() else None, who)
     lines = [
         f"pool {e['pool']}: {e['service']}, {e['scheduler']}"
         + (f" (seed {e['seed']:#x})" if e["kind"] in ("hash", "srchash") else "")

@@ -44,8 +44,9 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
-class Status:
-    """What is known of backends beyond the file. Keys are (pool name, "addr:port")."""
+class Conditions:
+    """What is known of backends beyond the file: the watcher's health view, the operator's
+    drains, the keep-last memory. Keys are (pool name, "addr:port")."""
 
     down: frozenset[tuple[str, str]] = frozenset()  # the health watcher says down
     drained: frozenset[tuple[str, str]] = frozenset()  # operator overrides (`nftlb drain`)
@@ -59,7 +60,7 @@ class Status:
         }
 
     @classmethod
-    def from_dict(cls, doc: dict) -> Status:
+    def from_dict(cls, doc: dict) -> Conditions:
         return cls(
             down=frozenset(map(tuple, doc.get("down", ()))),
             drained=frozenset(map(tuple, doc.get("drained", ()))),
@@ -141,7 +142,7 @@ class Plan:
                 out.setdefault((p.fam, p.protocol, p.persistence), []).append(p)
         return out
 
-    def last_in_use(self, before: Status) -> dict[str, tuple[str, ...]]:
+    def last_in_use(self, before: Conditions) -> dict[str, tuple[str, ...]]:
         """keep-last memory after this plan is committed: each pool's backends in use."""
         last = {}
         for p in self.pools:
@@ -152,22 +153,22 @@ class Plan:
         return last
 
 
-def build(config: Config, status: Status = Status()) -> Plan:
-    """The plan for `config` given `status`. Pools are memoized on (pool, its part of the
-    status): a watcher re-planning 10,000 pools after one backend changed rebuilds one."""
+def build(config: Config, conditions: Conditions = Conditions()) -> Plan:
+    """The plan for `config` given `conditions`. Pools are memoized on (pool, its part of the
+    conditions): a watcher re-planning 10,000 pools after one backend changed rebuilds one."""
     mine: dict[str, list] = {}
-    for kind, entries in (("down", status.down), ("drained", status.drained)):
+    for kind, entries in (("down", conditions.down), ("drained", conditions.drained)):
         for pool, backend in entries:
             mine.setdefault(pool, []).append((kind, backend))
     pools = []
     for p in config.pools:
-        last = status.last.get(p.name) if p.when_all_down == "keep-last" else None  # matters only there
+        last = conditions.last.get(p.name) if p.when_all_down == "keep-last" else None  # matters only there
         key = (_identity(p), tuple(sorted(mine.get(p.name, ()))), last)
         hit = _MEMO.get(key)
         if hit is None:
             if len(_MEMO) > 4 * len(config.pools) + 1000:
                 _MEMO.clear()
-            hit = _MEMO[key] = _pool(p, status)
+            hit = _MEMO[key] = _pool(p, conditions)
         pools.append(hit)
     return Plan(table=config.table, seed=config.seed, pools=tuple(pools), path_sources=config.path_sources())
 
@@ -176,7 +177,7 @@ _MEMO: dict[tuple, PoolPlan] = {}
 
 
 def _identity(p: Pool) -> tuple:
-    """Everything of a pool that its plan depends on (besides the status), hashable: the same
+    """Everything of a pool that its plan depends on (besides the conditions), hashable: the same
     pool read from two versions of a file is the same key."""
     return (
         p.name,
@@ -192,12 +193,12 @@ def _identity(p: Pool) -> tuple:
     )
 
 
-def _pool(pool: Pool, status: Status) -> PoolPlan:
+def _pool(pool: Pool, conditions: Conditions) -> PoolPlan:
     ordered = sorted(pool.backends, key=lambda b: b.key)  # file order never changes the mapping
     ep = {id(b): Endpoint(b.address, b.port) for b in ordered}
     name = {id(b): ep[id(b)].display for b in ordered}
-    drained = {id(b) for b in ordered if b.state == "drain" or (pool.name, name[id(b)]) in status.drained}
-    down = {id(b) for b in ordered if (pool.name, name[id(b)]) in status.down}
+    drained = {id(b) for b in ordered if b.state == "drain" or (pool.name, name[id(b)]) in conditions.drained}
+    down = {id(b) for b in ordered if (pool.name, name[id(b)]) in conditions.down}
     primaries = [b for b in ordered if not b.backup] or ordered  # all backups: they are the primaries
     backups = [b for b in ordered if b.backup and b not in primaries]
 
@@ -209,7 +210,7 @@ def _pool(pool: Pool, status: Status) -> PoolPlan:
         group, chosen, fallback = backups, usable(backups), "backups"
     if not chosen and pool.when_all_down == "keep-last":
         candidates = [b for b in ordered if id(b) not in drained]  # the operator's drain always wins
-        last = set(status.last.get(pool.name, ()))
+        last = set(conditions.last.get(pool.name, ()))
         chosen = [b for b in candidates if name[id(b)] in last] or (
             [b for b in candidates if not b.backup] or candidates  # nothing remembered: fail open
         )

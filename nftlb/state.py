@@ -17,6 +17,7 @@ Layout (dir 0700, files 0600, every file written atomically):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -46,10 +47,10 @@ class Applied:
     applied_at: float  # unix time of the last change nftlb made to the table
     source: str  # path of the pools file as given
     source_text: str
-    status: dict  # nftlb.plan.Status.as_dict() the live plan was built with
+    conditions: dict  # nftlb.plan.Conditions.as_dict() the live plan was built with
     generation: int | None  # the kernel's ruleset generation right after that change (None: unsure)
     snapshot: dict | None  # normalized JSON listing of the table then (None: too large to list cheaply)
-    backend: str
+    kernel: str  # how nftlb reached the kernel: libnftables | nft
     version: str
     history_id: int | None = None  # the history entry of the file that is live (None: before history)
 
@@ -153,6 +154,9 @@ def _stamp(path: Path) -> tuple | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+_RENAMED = {"status": "conditions", "backend": "kernel"}  # fields of applied.json, old name -> new
+
+
 def load(state_dir: Path) -> Applied | None:
     path = Path(state_dir) / APPLIED
     stamp = _stamp(path)
@@ -162,6 +166,9 @@ def load(state_dir: Path) -> Applied | None:
     data = read_doc(state_dir, APPLIED)
     if data is None:
         return None
+    for was, now in _RENAMED.items():  # written by nftlb 0.2 or earlier
+        if was in data and now not in data:
+            data[now] = data.pop(was)
     try:
         applied = Applied(**data)
     except TypeError as e:
@@ -202,6 +209,11 @@ def _flock(path: Path, timeout: float, busy: str) -> int:
                 os.close(fd)
                 raise StateError(busy) from None
             time.sleep(0.05)  # flock has no timed wait; poll the lock itself
+
+
+def lock_if_present(state_dir: Path):
+    """The state lock for read-only commands, which must not create the state dir."""
+    return lock(state_dir) if Path(state_dir).is_dir() else contextlib.nullcontext()
 
 
 @contextmanager

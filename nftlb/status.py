@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from nftlb import names, ops, state
+from nftlb import desired, names, state
 from nftlb import plan as planlib
 from nftlb.errors import StateError
 from nftlb.kernel import Kernel
@@ -62,10 +62,10 @@ def collect(nft: Kernel, state_dir: Path, *, conntrack: str | None = None, now: 
     applied = state.load(state_dir)
     if applied is None:
         raise StateError(f"nothing applied yet in {state_dir}: run `nftlb apply FILE` first")
-    plan = ops.applied_plan(applied)
+    plan = desired.applied_plan(applied)
     if plan is None:
         raise StateError(f"{state_dir} was written by another nftlb version ({applied.version}): re-apply first")
-    config = ops._parse(applied.source_text, applied.source)
+    config = desired.parse(applied.source_text, applied.source)
     now = time.time() if now is None else now
     health_doc = state.read_doc(state_dir, state.HEALTH) or {}
     records = health_doc.get("backends", {})

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nftlb import health, ops, probes, state
+from nftlb import desired, health, ops, probes, state
 from nftlb import plan as planlib
 from nftlb.errors import ConfigError, NftlbError
 from nftlb.kernel import Kernel
@@ -78,7 +78,7 @@ class Watcher:
         if (applied.source, applied.source_text) == self._source:
             return
         self._source = (applied.source, applied.source_text)
-        self.config = ops._parse(applied.source_text, applied.source)
+        self.config = desired.parse(applied.source_text, applied.source)
         now = self.monotonic()
         self.targets = {t.key: t for t in health.targets(self.config)}
         self.records = {k: self.records.get(k) or health.Record() for k in self.targets}
@@ -261,7 +261,7 @@ def serve(file: Path, nft: Kernel, state_dir: Path, *, metrics_at: str | None = 
     """`nftlb watch FILE`: apply FILE, then watch until SIGTERM; SIGHUP re-applies FILE.
     With `metrics_at` (HOST:PORT), serve Prometheus metrics there."""
     state_dir = Path(state_dir)
-    ops.check(file)  # a bad file is refused before the state dir is touched
+    desired.check(file)  # a bad file is refused before the state dir is touched
     fd = state.watch_lock(state_dir)
     try:
         if metrics_at is not None:
@@ -316,7 +316,7 @@ def serve(file: Path, nft: Kernel, state_dir: Path, *, metrics_at: str | None = 
 def once(file: Path, nft: Kernel, state_dir: Path, **kw) -> bool:
     """`nftlb watch FILE --once`: bring the table to FILE (a no-op when in sync), then one
     probe round of every backend; streaks persist in the state dir between runs."""
-    ops.check(file)  # a bad file is refused before the state dir is touched
+    desired.check(file)  # a bad file is refused before the state dir is touched
     fd = state.watch_lock(Path(state_dir), once=True)  # waits for another --once round to end
     try:
         ops.apply(file, nft, state_dir)

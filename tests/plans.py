@@ -31,7 +31,7 @@ def random_config(rng: random.Random, max_pools: int = 6) -> str:
     return "\n".join(lines) + "\n"
 
 
-def random_status(rng: random.Random, config: schema.Config) -> plan.Status:
+def random_conditions(rng: random.Random, config: schema.Config) -> plan.Conditions:
     down, drained = set(), set()
     for p in config.pools:
         for b in p.backends:
@@ -40,7 +40,7 @@ def random_status(rng: random.Random, config: schema.Config) -> plan.Status:
                 down.add(key)
             if rng.random() < 0.1:
                 drained.add(key)
-    return plan.Status(frozenset(down), frozenset(drained), {})
+    return plan.Conditions(frozenset(down), frozenset(drained), {})
 
 
 def random_plans(seed: int, steps: int):
@@ -50,4 +50,4 @@ def random_plans(seed: int, steps: int):
     for _ in range(steps):
         if rng.random() < 0.5:
             config = pools_file.parse(random_config(rng))
-        yield plan.build(config, random_status(rng, config))
+        yield plan.build(config, random_conditions(rng, config))

@@ -32,8 +32,8 @@ def test_one_object_listing_patches_a_table_snapshot():
 
 
 def applied(table="lb", generation=7, snapshot=None):
-    return Applied(table=table, applied_at=0, source="pools.yaml", source_text="pools: []\n", status={},
-                   generation=generation, snapshot=snapshot, backend="fake", version="0")
+    return Applied(table=table, applied_at=0, source="pools.yaml", source_text="pools: []\n", conditions={},
+                   generation=generation, snapshot=snapshot, kernel="fake", version="0")
 
 
 def test_dynamic_map_contents_are_not_compared():

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nftlb import cli, metrics, ops, state, status
+from nftlb import cli, desired, metrics, ops, state, status
 from nftlb.errors import KernelError, UsageError
 
 
@@ -33,7 +33,7 @@ def test_history_keeps_each_new_file_and_rollback_walks_back(tmp_path, kernel, s
     plans = []
     for f in files:
         ops.apply(f, kernel, sd)
-        plans.append(ops.applied_plan(state.load(sd)))
+        plans.append(desired.applied_plan(state.load(sd)))
     ops.apply(files[2], kernel, sd)  # the same file again: no new generation
     assert [(e["id"], e["live"]) for e in ops.history(sd)] == [(3, True), (2, False), (1, False)]
     assert all("source_text" not in e and len(e["sha256"]) == 64 for e in ops.history(sd))
@@ -43,9 +43,9 @@ def test_history_keeps_each_new_file_and_rollback_walks_back(tmp_path, kernel, s
     target, r = ops.rollback(kernel, sd, dry_run=True)
     assert target["id"] == 2 and r.action == "dry-run" and kernel.commits == commits
     target, r = ops.rollback(kernel, sd)
-    assert target["id"] == 2 and r.action == "applied" and ops.applied_plan(state.load(sd)) == plans[1]
+    assert target["id"] == 2 and r.action == "applied" and desired.applied_plan(state.load(sd)) == plans[1]
     ops.rollback(kernel, sd)
-    assert ops.applied_plan(state.load(sd)) == plans[0]
+    assert desired.applied_plan(state.load(sd)) == plans[0]
     with pytest.raises(UsageError, match="no generation before #1"):
         ops.rollback(kernel, sd)
     ops.apply(files[1], kernel, sd)

@@ -10,7 +10,7 @@ def ep(addr, port=80):
 
 
 def build(text, **status):
-    return plan.build(pools_file.parse(text), plan.Status(**status))
+    return plan.build(pools_file.parse(text), plan.Conditions(**status))
 
 
 def test_slot_table_follows_weights_reduced_by_gcd():

@@ -69,3 +69,12 @@ def test_lock_excludes_a_second_holder(tmp_path):
         holder.join(10)
     with state.lock(tmp_path, timeout=1):
         pass
+
+
+def test_a_record_written_by_nftlb_0_2_still_loads(tmp_path):
+    """applied.json named two fields otherwise before 0.3: `status` (now `conditions`) and
+    `backend` (now `kernel`)."""
+    doc = dict(vars(applied()))
+    doc["status"], doc["backend"] = doc.pop("conditions"), doc.pop("kernel")
+    state.write_doc(tmp_path, state.APPLIED, doc)
+    assert state.load(tmp_path) == applied()

@@ -18,7 +18,7 @@ pools:
 
 
 def build(text, **status):
-    return plan.build(pools_file.parse(text), plan.Status(**status))
+    return plan.build(pools_file.parse(text), plan.Conditions(**status))
 
 
 def test_one_backend_down_touches_only_its_pool():
