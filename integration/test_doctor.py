@@ -17,11 +17,11 @@ VIP = "198.51.100.10"
 
 DOCTOR = textwrap.dedent("""
     import json, sys
-    from nftlb import doctor, kernel, pools_file
+    from nftlb import doctor, kernel, pools_file, views
     text = sys.stdin.read()
     checks = doctor.run(pools_file.parse(text) if text.strip() else None, kernel.make(None))
     print(json.dumps({"checks": [c.as_dict() for c in checks], "exit": doctor.exit_code(checks),
-                      "text": doctor.text(checks)}))
+                      "text": views.doctor(checks)}))
 """)
 
 # What a round-robin pool VIP:80 -> b1, b2 does to a new connection, in a table of the test's own.

@@ -236,7 +236,7 @@ def test_on_down_keep_leaves_established_flows_and_reset_cuts_them(gw, lab_facto
     b = lab.backend(victim)
     lab.exec(b.ns, "nft", "-f", "-", input="table inet fw {\n chain input {\n"
              "  type filter hook input priority filter; policy accept;\n  tcp dport 8081 reject with tcp reset\n }\n}\n")
-    watcher.saw(f"conntrack entries of pool cut toward {b.ipv4}:8080: 1 deleted")
+    watcher.saw(f"conntrack entries of pool cut toward {b.ipv4}:8080: ")  # one or more: every hold to it
     watcher.saw(f"pool keep backend {b.ipv4}:8080 down")
     assert keep[victim].request() == victim  # keep: the established connection carries on
     with pytest.raises(Exception, match="reset|closed|Broken|refused") as cut_off:

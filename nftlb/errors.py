@@ -4,22 +4,28 @@ problems of a pools file that a ConfigError lists."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
-EXIT_OK = 0
-EXIT_DIFFERENT = 1  # `nftlb diff`: the live table differs from the file
-EXIT_BAD_INPUT = 2  # bad file, bad option, bad usage
-EXIT_SYSTEM = 3  # the kernel, nft, the state dir or the OS said no
+
+class ExitStatus(IntEnum):
+    """nftlb's exit codes: stable, scripts rely on them."""
+
+    OK = 0
+    CHECK_FAILED = 1  # a command that checks said no: `diff` (the live table differs), `doctor` (traffic is blocked)
+    BAD_INPUT = 2  # a bad file, option or usage: nothing was done
+    SYSTEM = 3  # the kernel, nft, conntrack, the state dir or the OS said no
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
 class NftlbError(Exception):
-    exit_code = EXIT_SYSTEM
+    exit_code = ExitStatus.SYSTEM
 
 
 class ConfigError(NftlbError):
     """The pools file is unusable; `problems` lists every problem found."""
 
-    exit_code = EXIT_BAD_INPUT
+    exit_code = ExitStatus.BAD_INPUT
 
     def __init__(self, problems):
         self.problems = list(problems)
@@ -27,7 +33,7 @@ class ConfigError(NftlbError):
 
 
 class UsageError(NftlbError):
-    exit_code = EXIT_BAD_INPUT
+    exit_code = ExitStatus.BAD_INPUT
 
 
 class KernelError(NftlbError):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nftlb import plan as planlib
 from nftlb import schema
+from nftlb.plan import Endpoint
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def targets(config: schema.Config) -> list[Target]:
         if h is None:
             continue
         for b in pool.backends:
-            display = planlib.Endpoint(b.address, b.port).display
+            display = Endpoint(b.address, b.port).display
             out.append(Target(pool.name, display, str(b.address), h.port or b.port, h))
     return out
 

@@ -151,3 +151,9 @@ def textfile(reg: CollectorRegistry, path: Path) -> None:
         write_to_textfile(str(path), reg)
     except OSError as e:
         raise StateError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def write_textfile(nft: Kernel, state_dir: Path, path: Path) -> None:
+    """`nftlb metrics --textfile PATH`: fail loudly (exit 3) rather than write a file that says 0."""
+    status.collect(nft, state_dir)
+    textfile(registry(lambda: nft, state_dir), path)

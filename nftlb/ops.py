@@ -25,7 +25,7 @@ class Result:
     action: decide.Action
     diff: diff.Diff
     summary: dict
-    transaction: str = ""  # "whole table" | "N pools" | ""
+    transaction: str = ""  # decide.Decision.transaction: "whole table", "N pools", or none
     pools_added: list[str] = field(default_factory=list)
     pools_removed: list[str] = field(default_factory=list)
     pools_changed: list[str] = field(default_factory=list)
@@ -259,6 +259,14 @@ def set_drain(nft: Kernel, state_dir: Path, pool: str, backend: str, drained: bo
             else:
                 state.write_doc(state_dir, state.OVERRIDES, before)
             raise
+
+
+def override(nft: Kernel, state_dir: Path, pool: str, backend: str, drained: bool) -> dict:
+    """`nftlb drain` / `nftlb enable`: the override, committed; what the pool takes now."""
+    name, r = set_drain(nft, state_dir, pool, backend, drained)
+    p = r.plan.pool(pool)
+    active = [b.display for b in p.active] if p is not None else []
+    return {"pool": pool, "backend": name, "drained": drained, "committed": bool(r.changed), "active": active}
 
 
 def remove(nft: Kernel, state_dir: Path, table: str | None = None) -> str | None:

@@ -9,11 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property, reduce
 from math import gcd
+from typing import Literal
 
 from nftlb import maglev, names
 from nftlb.schema import Config, IPAddress, Pool
 
 KINDS = {"hash": "hash", "source-hash": "srchash", "random": "random", "round-robin": "rr"}
+Family = Literal["ip", "ip6"]
+# "backups": no primary usable, the backups serve; "keep-last": nothing usable, the last set is kept
+Fallback = Literal["", "backups", "keep-last"]
 # The socket mark of path probes (nftlb.probes.path_probe): the table's postrouting chain SNATs
 # connections that carry it to the path source, so that the backend's answer must come back the
 # way it answers clients. A fixed value: an operator's fwmark rules must not match it (doctor checks).
@@ -71,7 +75,7 @@ class Conditions:
 @dataclass(frozen=True)
 class PoolPlan:
     name: str
-    family: str  # "ip" | "ip6": the nft keyword for the address family
+    family: Family  # the nft keyword for the address family
     vip: IPAddress
     port: int
     protocol: str
@@ -84,7 +88,7 @@ class PoolPlan:
     draining: tuple[Endpoint, ...]  # drained in the file or by the operator: no new connections
     down: tuple[Endpoint, ...]  # the health watcher says down
     slots: tuple[Endpoint, ...]  # the table: slot i -> backend (one entry: a plain DNAT; none: refused)
-    fallback: str = ""  # "" | "backups" (no primary usable) | "keep-last" (nothing usable, set kept)
+    fallback: Fallback = ""
 
     @property
     def fam(self) -> str:

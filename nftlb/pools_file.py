@@ -16,8 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from nftlb import yamltree
-from nftlb.errors import ConfigError, Problem
-from nftlb.errors import show as _show
+from nftlb.errors import ConfigError, Problem, show
 from nftlb.schema import Backend, Config, HealthOverride, IPAddress, Pool, _address
 from nftlb.yamltree import TooBig, TooDeep, Tree, field_name
 
@@ -37,7 +36,7 @@ def _message(err: dict) -> str:
             msg = msg.removeprefix(prefix)
         value = err.get("input")
         if err["type"] not in ("value_error",) and isinstance(value, (str, int, float, bool)):
-            shown = _show(value)
+            shown = show(value)
             if len(shown) < 60 and not shown.endswith("..."):
                 msg += f" (got {shown})"
     return msg

@@ -11,7 +11,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 
-from nftlb import plan as planlib
+from nftlb import plan
 
 NO_CLIENT_PATH = "no reply by the client path"  # answers a direct probe, not one by the clients' path
 
@@ -55,7 +55,7 @@ async def path_probe(address: str, port: int, timeout: float) -> tuple[bool, str
     try:
         sock.setblocking(False)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, planlib.PATH_PROBE_MARK)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, plan.PATH_PROBE_MARK)
         except PermissionError:
             return False, "probe error: cannot mark the path probe's socket (needs CAP_NET_ADMIN)", None
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

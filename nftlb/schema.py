@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from nftlb.errors import show as _show
+from nftlb.errors import show
 
 DEFAULT_TABLE = "nftlb"
 DEFAULT_SEED = 0x6E66746C  # "nftl": fixed, so every gateway given the same file hashes alike
@@ -79,9 +79,9 @@ def _check_address(value: Any, what: str) -> IPAddress:
         try:
             addr = ipaddress.ip_address(value.strip(_SPACE))
         except ValueError:
-            raise ValueError(f"{_show(value)} is not an IPv4 or IPv6 address") from None
+            raise ValueError(f"{show(value)} is not an IPv4 or IPv6 address") from None
     if getattr(addr, "scope_id", None) is not None:  # "fe80::1%eth0": Python keeps whatever follows the %
-        raise ValueError(f"{_show(value)} has a zone index (%...); nftables addresses cannot carry one")
+        raise ValueError(f"{show(value)} has a zone index (%...); nftables addresses cannot carry one")
     shown = value.strip(_SPACE) if isinstance(value, str) else str(addr)  # as written, on one line
     if getattr(addr, "ipv4_mapped", None):
         raise ValueError(f"{shown} is an IPv4-mapped IPv6 address; write it as {addr.ipv4_mapped}")
@@ -138,7 +138,7 @@ def _parse_short(text: str) -> dict:
     out: dict[str, Any] = {"address": addr}
     if port is not None:
         if not _PORT.fullmatch(port):
-            raise ValueError(f"port in {_show(text)} is not a number")
+            raise ValueError(f"port in {show(text)} is not a number")
         out["port"] = int(port)
     return out
 
@@ -159,9 +159,9 @@ def duration(v: Any, longest: float = 3600) -> Any:
     elif isinstance(v, str) and (m := _DURATION.fullmatch(v.strip())):
         seconds = float(m["n"]) * _UNITS[m["unit"]]
     else:
-        raise ValueError(f"{_show(v)} is not a duration: write 500ms, 2s, 1m or a number of seconds")
+        raise ValueError(f"{show(v)} is not a duration: write 500ms, 2s, 1m or a number of seconds")
     if not 0 < seconds <= longest:  # also refuses NaN
-        raise ValueError(f"{_show(v)} is out of range: more than 0 and at most {longest:g}s")
+        raise ValueError(f"{show(v)} is out of range: more than 0 and at most {longest:g}s")
     return seconds
 
 
@@ -173,7 +173,7 @@ def _persistence(v: Any) -> Any:
         return None
     seconds = duration(v, longest=7 * 86400)
     if seconds != int(seconds):
-        raise ValueError(f"{_show(v)}: persistence is kept in whole seconds")
+        raise ValueError(f"{show(v)}: persistence is kept in whole seconds")
     return int(seconds)
 
 
@@ -273,7 +273,7 @@ class Pool(_Model):
     def _check_name(cls, v: Any) -> str:
         _not_bool(v)
         if not isinstance(v, str) or not _POOL_NAME.fullmatch(v):
-            raise ValueError(f"{_show(v)} is not a pool name: use 1-31 characters a-z 0-9 _ -, starting with a letter")
+            raise ValueError(f"{show(v)} is not a pool name: use 1-31 characters a-z 0-9 _ -, starting with a letter")
         return v
 
     @model_validator(mode="after")
@@ -321,7 +321,7 @@ class Config(_Model):
     def _check_table(cls, v: Any) -> str:
         _not_bool(v)
         if not isinstance(v, str) or not TABLE_NAME.fullmatch(v):
-            raise ValueError(f"{_show(v)} is not a table name: use 1-31 characters a-z 0-9 _, starting with a letter")
+            raise ValueError(f"{show(v)} is not a table name: use 1-31 characters a-z 0-9 _, starting with a letter")
         if v in NFT_KEYWORDS:
             raise ValueError(
                 f"{v!r} is an nftables keyword, which nft does not take as a table name (choose another, e.g. lb_{v})"
@@ -333,9 +333,9 @@ class Config(_Model):
     def _hex_seed(cls, v: Any) -> Any:
         if isinstance(v, str):
             if len(v) > 20 or not v.isascii():  # 0xffffffff is 10 characters; int() would also read "٥"
-                raise ValueError(f"{_show(v)} is not a number from 0 to 0xffffffff")
+                raise ValueError(f"{show(v)} is not a number from 0 to 0xffffffff")
             try:
                 return int(v, 0)
             except ValueError:
-                raise ValueError(f"{_show(v)} is not a number (write it as 24301 or 0x5eed)") from None
+                raise ValueError(f"{show(v)} is not a number (write it as 24301 or 0x5eed)") from None
         return v

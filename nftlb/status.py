@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from nftlb import desired, names, state
-from nftlb import plan as planlib
 from nftlb.errors import StateError
 from nftlb.kernel import Kernel
 from nftlb.kernel.conntrack import Tool
+from nftlb.plan import Endpoint
 
 
 def _addr(text: str) -> str:
@@ -78,7 +78,7 @@ def collect(nft: Kernel, state_dir: Path, *, conntrack: str | None = None, now: 
     for p, cp in zip(plan.pools, config.pools, strict=True):
         h = config.probe_settings(cp)
         probe = None if h is None else "path" if h.path else "tcp"  # how the watcher probes them
-        by_backend = {planlib.Endpoint(b.address, b.port): b for b in cp.backends}
+        by_backend = {Endpoint(b.address, b.port): b for b in cp.backends}
         rows = []
         for b in p.backends:
             key = (str(p.vip), p.protocol, p.port, str(b.address), b.port)
@@ -135,73 +135,3 @@ def collect(nft: Kernel, state_dir: Path, *, conntrack: str | None = None, now: 
         "now": now,
         "pools": pools,
     }
-
-
-def _ago(then: float | None, now: float) -> str:
-    if not then:
-        return "-"
-    s = max(0, int(now - then))
-    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
-
-
-def _size(n: int) -> str:
-    for unit in ("", "k", "M", "G", "T"):
-        if n < 1000:
-            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}P"
-
-
-def _health(h: dict | None, now: float) -> str:
-    if h is None:
-        return "not probed"
-    out = ("up" if h["up"] else "DOWN") + (f" {_ago(h['since'], now)}" if h["since"] else "")
-    if h["up"] and h["latency_seconds"] is not None:
-        out += f" ({h['latency_seconds'] * 1000:.1f} ms)"
-    elif not h["up"] and h["last_error"]:
-        out += f" ({h['last_error']})"
-    return out
-
-
-def text(doc: dict) -> str:
-    """The terminal view: a header, then a block per pool."""
-    now = doc["now"]
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(doc["applied_at"]))
-    head = f"table inet {doc['table']}" + ("" if doc["live"] else " (NOT LOADED: run `nftlb apply`)")
-    lines = [
-        f"{head}, applied {when} from {doc['source']}; health "
-        + (f"checked {_ago(doc['health_checked_at'], now)} ago" if doc["health_checked_at"] else "not watched")
-    ]
-    if not doc["conntrack"]:
-        lines.append("open connections unknown: the conntrack tool is not installed")
-    for p in doc["pools"]:
-        lines.append("")
-        lines.append(
-            f"pool {p['name']}  {p['service']}  {p['scheduler']}  {p['mode']}  {p['state']}"
-            + (f" (fallback: {p['fallback']})" if p["fallback"] else "")
-            + ("  probed by the clients' path" if p["probe"] == "path" else "")
-        )
-        cells = [
-            (
-                b["backend"],
-                b["configured"] + ("*" if b["drained_by_operator"] else ""),
-                "yes" if b["serving"] else "no",
-                _health(b["health"], now),
-                str(b["connections"]),
-                _size(b["bytes"]),
-                "-" if b["open"] is None else str(b["open"]),
-            )
-            for b in p["backends"]
-        ]
-        head = ("backend", "config", "serving", "health", "conns", "bytes", "open")
-        widths = [max(len(row[i]) for row in [head, *cells]) for i in range(len(head))]
-        for row in [head, *cells]:
-            lines.append(
-                "  "
-                + "  ".join(
-                    c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-                ).rstrip()
-            )
-    if any(b["drained_by_operator"] for p in doc["pools"] for b in p["backends"]):
-        lines.append("\n* drained with `nftlb drain` (undo: `nftlb enable POOL BACKEND`)")
-    return "\n".join(lines) + "\n"

@@ -11,8 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from nftlb import render, state
-from nftlb.errors import RenderError, show
+from nftlb import pools_file, render, schema, state
+from nftlb.errors import RenderError, UsageError, show
 
 UNITS = ("nftlb-watch.service", "nftlb-watch-once.service", "nftlb-watch-once.timer")
 
@@ -107,3 +107,13 @@ def install(units: dict[str, str], unit_dir: Path) -> list[Path]:
         os.chmod(path, 0o644)
         written.append(path)
     return written
+
+
+def for_file(config: Path, state_dir: Path, every: str = "10s") -> dict[str, str]:
+    """`nftlb systemd FILE`: the units for a valid pools file, the timer every `every`."""
+    pools_file.load(config)
+    try:
+        period = schema.duration(every)
+    except ValueError as e:
+        raise UsageError(f"--every: {e}") from None
+    return render_units(config, state_dir, every=f"{period:g}s")

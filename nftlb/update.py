@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nftlb import elements, names, render
-from nftlb.plan import Plan, PoolPlan
+from nftlb.plan import Family, Plan, PoolPlan
 
 
 @dataclass
@@ -150,7 +150,7 @@ class Flows:
     after a transaction: they would keep sending packets where the new table no longer does."""
 
     pool: str
-    family: str  # "ip" | "ip6"
+    family: Family
     protocol: str
     vip: str
     port: int

@@ -16,9 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nftlb import desired, health, ops, probes, state
-from nftlb import plan as planlib
-from nftlb.errors import ConfigError, NftlbError
+from nftlb import desired, health, ops, plan, probes, state
+from nftlb.errors import ConfigError, ExitStatus, NftlbError
 from nftlb.kernel import Kernel
 
 log = logging.getLogger("nftlb")
@@ -186,9 +185,9 @@ class Watcher:
         except NftlbError as e:
             log.error("cannot record the health view: %s", e)
 
-    def _report(self, plan: planlib.Plan, pools: set[str]) -> None:
+    def _report(self, committed: plan.Plan, pools: set[str]) -> None:
         for name in sorted(pools):
-            p = plan.pool(name)
+            p = committed.pool(name)
             if p is None:
                 continue
             if not p.slots:
@@ -257,7 +256,7 @@ class Watcher:
                 w.cancel()
 
 
-def serve(file: Path, nft: Kernel, state_dir: Path, *, metrics_at: str | None = None, **kw) -> int:
+def serve(file: Path, nft: Kernel, state_dir: Path, *, metrics_at: str | None = None, **kw) -> ExitStatus:
     """`nftlb watch FILE`: apply FILE, then watch until SIGTERM; SIGHUP re-applies FILE.
     With `metrics_at` (HOST:PORT), serve Prometheus metrics there."""
     state_dir = Path(state_dir)
@@ -308,12 +307,12 @@ def serve(file: Path, nft: Kernel, state_dir: Path, *, metrics_at: str | None = 
         finally:
             watcher.close()
         log.info("nftlb watch stopped")
-        return 0
+        return ExitStatus.OK
     finally:
         os.close(fd)
 
 
-def once(file: Path, nft: Kernel, state_dir: Path, **kw) -> bool:
+def run_once(file: Path, nft: Kernel, state_dir: Path, **kw) -> bool:
     """`nftlb watch FILE --once`: bring the table to FILE (a no-op when in sync), then one
     probe round of every backend; streaks persist in the state dir between runs."""
     desired.check(file)  # a bad file is refused before the state dir is touched
@@ -327,3 +326,22 @@ def once(file: Path, nft: Kernel, state_dir: Path, **kw) -> bool:
             watcher.close()
     finally:
         os.close(fd)
+
+
+def command(
+    file: Path,
+    nft: Kernel,
+    state_dir: Path,
+    *,
+    once: bool = False,
+    concurrency: int = 256,
+    metrics_at: str | None = None,
+) -> ExitStatus:
+    """`nftlb watch FILE`: the daemon, or with `once` a single round for cron."""
+    if once:
+        return ExitStatus.OK if run_once(file, nft, state_dir, concurrency=concurrency) else ExitStatus.SYSTEM
+    if metrics_at is not None:
+        from nftlb import metrics
+
+        metrics.listen_address(metrics_at)  # a bad address is a usage error before anything starts
+    return serve(file, nft, state_dir, concurrency=concurrency, metrics_at=metrics_at)

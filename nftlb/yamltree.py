@@ -13,8 +13,7 @@ from typing import Any
 
 import yaml
 
-from nftlb.errors import Problem
-from nftlb.errors import show as _show
+from nftlb.errors import Problem, show
 
 # Limits on what a pools file's YAML may be; beyond them it is refused (exit 2) before anything is built.
 # A 10,000-pool YAML file (4 backends each) is about 1.9 MB and 150,000 nodes; the limits leave
@@ -168,7 +167,7 @@ class Tree:
         if tag not in _SCALARS:  # !!python/..., !foo, or a collection's tag (!!seq) on a scalar
             if tag == _VALUE:  # a plain `=`: PyYAML reads it as the string
                 return node.value
-            self._problem(node, path, f"unsupported YAML tag {_show(tag)}")
+            self._problem(node, path, f"unsupported YAML tag {show(tag)}")
             return None
         try:
             return loader.yaml_constructors[tag](loader, node)
@@ -179,7 +178,7 @@ class Tree:
             self._problem(
                 node,
                 path,
-                f"cannot read {_show(node.value)} as {'an' if what[0] in 'aeiou' else 'a'} "
+                f"cannot read {show(node.value)} as {'an' if what[0] in 'aeiou' else 'a'} "
                 f"{what}" + (" (too many digits)" if len(node.value) > 4000 else ""),
             )
             return None
@@ -195,7 +194,7 @@ class Tree:
             return self._scalar(loader, node, path)
         if kind is yaml.SequenceNode:
             if node.tag != _SEQ:
-                self._problem(node, path, f"unsupported YAML tag {_show(node.tag)}")
+                self._problem(node, path, f"unsupported YAML tag {show(node.tag)}")
             out_list = []
             for i, item in enumerate(node.value):
                 sub = path + (i,)
@@ -208,7 +207,7 @@ class Tree:
             self._nodes += len(node.value)
             return out_list
         if node.tag != _MAP:
-            self._problem(node, path, f"unsupported YAML tag {_show(node.tag)}")
+            self._problem(node, path, f"unsupported YAML tag {show(node.tag)}")
         pairs, merged = self._pairs(node, 0)
         out: dict = {}
         for n, (knode, vnode) in enumerate(pairs):
@@ -289,6 +288,6 @@ def field_name(loc: tuple) -> str:
             continue
         # a key as the file spells it when it is a plain word; else quoted and escaped, so that a
         # key holding a newline or a terminal escape cannot make up lines of the report
-        text = part if isinstance(part, str) and _PLAIN_KEY.fullmatch(part) else _show(part, 40)
+        text = part if isinstance(part, str) and _PLAIN_KEY.fullmatch(part) else show(part, 40)
         out += f".{text}" if out else text
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nftlb import doctor, pools_file, schema
+from nftlb import checks, doctor, pools_file, schema, views
 from nftlb.errors import KernelError
 
 Addr = namedtuple("Addr", "ip port")
@@ -80,11 +80,11 @@ def box(monkeypatch):
         "routes": {},  # vip text -> route dict; missing: {"dev": "eth0", "gateway": "203.0.113.1"}
         "rules": [],  # policy routing rules, as `ip -j rule show` gives them
     }
-    monkeypatch.setattr(doctor, "_rules", lambda: list(state["rules"]))
+    monkeypatch.setattr(checks, "rules", lambda: list(state["rules"]))
     monkeypatch.setattr(doctor, "_nft_version", lambda: "nftables v1.0.6 (Lester Gooch #5)")
     monkeypatch.setattr(doctor, "_bindings", lambda: "0.1")
     routed = {"dev": "eth0", "gateway": "203.0.113.1"}
-    monkeypatch.setattr(doctor, "_route", lambda vip: state["routes"].get(str(vip), routed))
+    monkeypatch.setattr(checks, "route", lambda vip: state["routes"].get(str(vip), routed))
     monkeypatch.setattr(psutil, "net_if_addrs", lambda: {
         name: [IfAddr(socket.AF_INET6 if ":" in a else socket.AF_INET, a, None, None, None) for a in addrs]
         for name, addrs in state["addrs"].items()})
@@ -356,7 +356,7 @@ def test_ipv4_mapped_listener_address(box, tmp_path):
 
 def test_text_has_one_line_per_check_and_a_verdict(box, tmp_path):
     checks = doctor.run(WEB, Stub(), proc=fake_proc(tmp_path, forward="0"))
-    lines = doctor.text(checks).splitlines()
+    lines = views.doctor(checks).splitlines()
     assert len(lines) == len(checks) + 1
     for line, check in zip(lines, checks):
         assert line.split()[0] == check.verdict and check.name in line and line.endswith(check.detail)
@@ -369,9 +369,9 @@ def test_verdict_line_and_exit_code():
     warn = ok + [doctor.Check("c", "warn", "hmm")]
     fail = warn + [doctor.Check("d", "fail", "no")]
     assert [doctor.exit_code(x) for x in (ok, warn, fail)] == [0, 0, 1]
-    assert doctor.text(ok).splitlines()[-1] == "doctor: ready (0 fail, 0 warn, 2 ok)"
-    assert doctor.text(warn).splitlines()[-1] == "doctor: works, with warnings (0 fail, 1 warn, 2 ok)"
-    assert doctor.text(ok).splitlines()[0] == "ok    a  fine"
+    assert views.doctor(ok).splitlines()[-1] == "doctor: ready (0 fail, 0 warn, 2 ok)"
+    assert views.doctor(warn).splitlines()[-1] == "doctor: works, with warnings (0 fail, 1 warn, 2 ok)"
+    assert views.doctor(ok).splitlines()[0] == "ok    a  fine"
     assert doctor.Check("x", "warn", "d").as_dict() == {"name": "x", "verdict": "warn", "detail": "d"}
 
 

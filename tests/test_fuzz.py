@@ -42,8 +42,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 import nftlb.kernel as kernel_seam
-from nftlb import cli, errors, pools_file, render, schema, units, update, yamltree
-from nftlb import plan as planlib
+from nftlb import cli, errors, plan, pools_file, render, schema, units, update, yamltree
 from nftlb.errors import ConfigError
 from nftlb.kernel.fake import Fake
 
@@ -640,7 +639,7 @@ def test_valid_configs_validate_render_and_apply(case):
     config, text = case
     parsed = pools_file.parse(text, "pools.yaml")
     assert [p.name for p in parsed.pools] == [p["name"] for p in config["pools"]]
-    script = render.ruleset(planlib.build(parsed))
+    script = render.ruleset(plan.build(parsed))
     check_ruleset(script, config)
     with tempfile.TemporaryDirectory(prefix="nftlb-fuzz-") as tmp:
         file, state_dir = Path(tmp) / "pools.yaml", Path(tmp) / "state"
@@ -688,8 +687,8 @@ def test_adversarial_strings_are_refused_by_validation(field, value):
     assert_refused(data)
 
 
-def _plan() -> planlib.Plan:
-    return planlib.build(pools_file.parse("""
+def _plan() -> plan.Plan:
+    return plan.build(pools_file.parse("""
 pools:
   - {name: web, vip: 198.51.100.10, port: 80, persistence: 5m, mode: masquerade, backends: [10.0.0.1, 10.0.0.2]}
   - {name: rr, vip: 198.51.100.10, port: 81, scheduler: round-robin, backends: [10.0.0.1, 10.0.0.2]}
@@ -702,16 +701,16 @@ EVIL = 'a"; flush ruleset; "'
 SCOPED = ipaddress.IPv6Address("2001:db8::1%x;flush ruleset")
 
 
-def _endpoint(address, port) -> planlib.Endpoint:
+def _endpoint(address, port) -> plan.Endpoint:
     """An Endpoint holding what its constructor would not take (it spells itself from an ipaddress)."""
-    e = planlib.Endpoint(ipaddress.IPv4Address("10.0.0.1"), 80)
+    e = plan.Endpoint(ipaddress.IPv4Address("10.0.0.1"), 80)
     for name, value in (("address", address), ("port", port), ("nft", f"{address} . {port}"),
                         ("display", f"{address}:{port}")):
         object.__setattr__(e, name, value)
     return e
 
 
-def _bypass(plan: planlib.Plan, what: str) -> planlib.Plan:
+def _bypass(plan: plan.Plan, what: str) -> plan.Plan:
     """`plan` with one value that validation would have refused, as if it had been bypassed."""
     pools = list(plan.pools)
     if what == "table":

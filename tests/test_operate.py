@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nftlb import cli, desired, metrics, ops, state, status
+from nftlb import cli, desired, logs, metrics, ops, state, status, views
 from nftlb.errors import KernelError, UsageError
 
 
@@ -94,7 +94,7 @@ def test_status_without_a_watcher_and_with_a_drain(tmp_path, kernel, sd):
     assert rows["10.0.0.2:80"]["drained_by_operator"] and not rows["10.0.0.2:80"]["serving"]
     assert rows["10.0.0.3:80"]["configured"] == "backup" and not rows["10.0.0.3:80"]["serving"]
     assert doc["conntrack"] is False and rows["10.0.0.1:80"]["open"] is None
-    text = status.text(doc)
+    text = views.status(doc)
     assert "pool web  198.51.100.10:80/tcp  hash  dnat  serving" in text
     assert "open connections unknown" in text and "health not watched" in text
     json.dumps(doc)  # --json: plain data
@@ -147,7 +147,7 @@ def test_metrics_listen_address_rejects(bad):
 
 def test_json_log_lines():
     record = logging.LogRecord("nftlb", logging.WARNING, __file__, 1, "pool %s down", ("web",), None)
-    doc = json.loads(cli._JsonFormatter().format(record))
+    doc = json.loads(logs._Json().format(record))
     assert doc["level"] == "warning" and doc["message"] == "pool web down" and doc["pid"] > 0
 
 

@@ -13,7 +13,7 @@ A `Kernel` has:
 
 `Libnftables` and `NftBinary` (nftlb.kernel.nft) reach the real kernel; `Fake`
 (nftlb.kernel.fake) keeps tables in memory for unit tests. Every other program nftlb runs
-goes through nftlb.kernel.exec.
+goes through nftlb.kernel.programs.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Conntrack, the kernel's table of connections, through the conntrack tool (conntrack-tools,
-run by nftlb.kernel.exec): what nftlb reads there (open connections, for `status`) and
+run by nftlb.kernel.programs): what nftlb reads there (open connections, for `status`) and
 deletes (a pool's stale flows, see nftlb.update.flows; its path probes' entries).
 
 `Tool` acts on the network namespace it runs in; nftlb.kernel.fake.FakeConntrack stands in
@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING
 
 from nftlb.errors import KernelError
-from nftlb.kernel import exec as exec_
+from nftlb.kernel import programs
 
 if TYPE_CHECKING:  # only the type: the pure nftlb.update stays apart from subprocesses
     from nftlb.update import Flows
@@ -34,13 +34,13 @@ class Tool:
     name = "conntrack"
 
     def __init__(self, path: str | None = None):
-        self.path = exec_.find("conntrack") if path is None else (path or None)  # "": none, on purpose
+        self.path = programs.find("conntrack") if path is None else (path or None)  # "": none, on purpose
 
-    def _run(self, argv: list[str], what: str) -> exec_.Result:
+    def _run(self, argv: list[str], what: str) -> programs.Result:
         if not self.path:
             raise KernelError(f"{what}: the conntrack tool is not installed (Debian package conntrack)")
         try:
-            return exec_.run(self.path, argv, timeout=60)
+            return programs.run(self.path, argv, timeout=60)
         except KernelError as e:
             raise KernelError(f"{what}: {e}") from None
 
@@ -85,7 +85,7 @@ class Tool:
         return self._deleted(self._run(["-D", "-f", family, "--reply-dst", address], what), what)
 
     @staticmethod
-    def _deleted(proc: exec_.Result, what: str) -> int:
+    def _deleted(proc: programs.Result, what: str) -> int:
         if proc.returncode == 1 and "0 flow entries" in proc.stderr:
             return 0  # nothing matched
         if proc.returncode != 0:

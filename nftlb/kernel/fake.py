@@ -1,5 +1,5 @@
 """In-memory stand-ins for the kernel, for unit tests: `Fake` (nf_tables), `FakeConntrack`,
-and `FakeExec` (the programs nftlb runs).
+and `FakePrograms` (the programs nftlb runs).
 
 It understands exactly the statements nftlb emits (the whole-table script and the
 small update transactions), keeps tables as objects with elements and rules, and
@@ -18,8 +18,8 @@ from nftlb.errors import KernelError
 _ABSENT = "No such file or directory"
 
 
-class FakeExec:
-    """Stands in for nftlb.kernel.exec.RUNNER: records (program, argv, stdin) and answers from
+class FakePrograms:
+    """Stands in for nftlb.kernel.programs.RUNNER: records (program, argv, stdin) and answers from
     `answers`, keyed by the program's name and its first arguments; (0, "", "") otherwise."""
 
     def __init__(self, answers: dict[tuple[str, ...], tuple[int, str, str]] | None = None):
@@ -27,7 +27,7 @@ class FakeExec:
         self.calls: list[tuple[str, list[str], str | None]] = []
 
     def __call__(self, path: str, argv: list[str], stdin: str | None, timeout: float):
-        from nftlb.kernel.exec import Result
+        from nftlb.kernel.programs import Result
 
         assert isinstance(argv, list) and all(type(a) is str for a in argv), argv  # an argv, never a line
         name = path.rsplit("/", 1)[-1]

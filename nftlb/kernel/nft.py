@@ -1,5 +1,5 @@
 """The two real ways into nf_tables: `Libnftables` (python3-nftables, in-process) and
-`NftBinary` (the nft program through nftlb.kernel.exec: argv list, script on stdin, never a
+`NftBinary` (the nft program through nftlb.kernel.programs: argv list, script on stdin, never a
 shell). Both answer to nftlb.kernel.Kernel.
 """
 
@@ -11,8 +11,7 @@ import tempfile
 from contextlib import contextmanager
 
 from nftlb.errors import KernelError
-from nftlb.kernel import exec as exec_
-from nftlb.kernel import netlink
+from nftlb.kernel import netlink, programs
 
 _ABSENT = "No such file or directory"
 
@@ -115,12 +114,12 @@ class NftBinary(_Conntrack):
     has_table = staticmethod(netlink.has_table)
 
     def __init__(self, path: str | None = None):
-        self.path = path or exec_.find("nft")
+        self.path = path or programs.find("nft")
         if not self.path:
             raise KernelError("the nft binary was not found on PATH; install the Debian package nftables")
 
-    def _exec(self, argv: list[str], stdin: str | None = None) -> exec_.Result:
-        return exec_.run(self.path, argv, stdin=stdin, timeout=600)
+    def _exec(self, argv: list[str], stdin: str | None = None) -> programs.Result:
+        return programs.run(self.path, argv, stdin=stdin, timeout=600)
 
     def run(self, script: str, *, check: bool = False) -> None:
         proc = self._exec(["-c", "-f", "-"] if check else ["-f", "-"], stdin=script)

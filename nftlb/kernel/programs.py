@@ -1,7 +1,7 @@
 """The one way nftlb runs another program (nft, conntrack, ip): an argument list, never a
 shell; the program found on PATH or in /usr/sbin and /sbin; a timeout on every run; the C
 locale, so that messages can be matched. Tests swap `RUNNER` for a fake that checks argv and
-stdin (nftlb.kernel.fake.FakeExec).
+stdin (nftlb.kernel.fake.FakePrograms).
 """
 
 from __future__ import annotations
