@@ -88,7 +88,7 @@ def address(value: object) -> str:
 
 def _check_address(addr: object, version: int, what: str) -> None:
     """An ipaddress object of the family (str() of one is plain), without a zone index ("%eth0")."""
-    if type(addr) is not _ADDRESS_TYPES[version] or (version == 6 and addr.scope_id is not None):
+    if type(addr) is not _ADDRESS_TYPES[version] or (isinstance(addr, ipaddress.IPv6Address) and addr.scope_id):
         raise RenderError(f"refusing to render {_shown(addr)} as the IPv{version} address of {what}")
 
 
@@ -156,9 +156,13 @@ def check_elements(name: object, items: object, *, shape: bool = True) -> None:
         return
     text = "\n".join(items) + "\n"
     if shape:
-        ok = _ELEMENTS.fullmatch(text)
+        ok = _ELEMENTS.fullmatch(text) is not None
     else:
-        ok = text.count("\n") == len(items) and _ELEMENT_CHARS.fullmatch(text) and '"' not in _COMMENTS.sub("", text)
+        ok = (
+            text.count("\n") == len(items)
+            and _ELEMENT_CHARS.fullmatch(text) is not None
+            and '"' not in _COMMENTS.sub("", text)
+        )
     if not ok:
         bad = next((x for x in items if not _ELEMENTS.fullmatch(x + "\n")), items[0])
         raise RenderError(f"refusing to render {_shown(bad)} as an element of {name}")

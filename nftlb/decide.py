@@ -114,7 +114,7 @@ def decide(
         if rollback_to is not None:
             history_id = rollback_to["id"]
         elif (
-            not applied
+            facts.applied_source is None
             or facts.applied_source[1] != facts.text
             or facts.applied_table != facts.table
             or current is None

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from nftlb import errors, plan, pools_file, render, schema, state
+from nftlb import errors, pools_file, render, schema, state
+from nftlb.plan import Conditions, Plan, build
 
 
 @lru_cache(maxsize=4)
@@ -18,14 +19,14 @@ def parse(text: str, source: str) -> schema.Config:
     return pools_file.parse(text, source)
 
 
-def conditions_of(state_dir: Path, applied: state.Applied | None) -> plan.Conditions:
+def conditions_of(state_dir: Path, applied: state.Applied | None) -> Conditions:
     """What the state dir knows beyond the file: health (watcher), drains (operator), keep-last memory."""
     health = state.read_doc(state_dir, state.HEALTH) or {}
     overrides = state.read_doc(state_dir, state.OVERRIDES) or {}
     down = {tuple(k.split("|", 1)) for k, v in health.get("backends", {}).items() if not v.get("up", True)}
-    last = plan.Conditions.from_dict(applied.conditions).last if applied else {}
+    last = Conditions.from_dict(applied.conditions).last if applied else {}
     drained = frozenset(map(tuple, overrides.get("drained", [])))
-    return plan.Conditions(down=frozenset(down), drained=drained, last=last)
+    return Conditions(down=frozenset(down), drained=drained, last=last)
 
 
 @dataclass
@@ -33,17 +34,17 @@ class Desired:
     source: str
     source_text: str
     config: schema.Config
-    plan: plan.Plan
-    conditions: plan.Conditions
+    plan: Plan
+    conditions: Conditions
 
     @property
     def script(self) -> str:
         return render.ruleset(self.plan)
 
 
-def of_text(source: str, text: str, conditions: plan.Conditions) -> Desired:
+def of_text(source: str, text: str, conditions: Conditions) -> Desired:
     config = parse(text, source)
-    return Desired(source, text, config, plan.build(config, conditions), conditions)
+    return Desired(source, text, config, build(config, conditions), conditions)
 
 
 def check(path: str | Path) -> schema.Config:
@@ -55,19 +56,19 @@ def of_file(path: str | Path, state_dir: Path | None = None) -> Desired:
     """Validate and plan a pools file, with the state dir's health and drains when given."""
     text = pools_file.read(path)
     parse(text, str(path))  # raise ConfigError before anything reads the state dir
-    conditions = conditions_of(state_dir, state.load(state_dir)) if state_dir is not None else plan.Conditions()
+    conditions = conditions_of(state_dir, state.load(state_dir)) if state_dir is not None else Conditions()
     return of_text(str(path), text, conditions)
 
 
-def applied_plan(applied: state.Applied) -> plan.Plan | None:
+def applied_plan(applied: state.Applied) -> Plan | None:
     """The plan of the live generation (None if this nftlb cannot read it)."""
     try:
-        return plan.build(parse(applied.source_text, applied.source), plan.Conditions.from_dict(applied.conditions))
+        return build(parse(applied.source_text, applied.source), Conditions.from_dict(applied.conditions))
     except errors.ConfigError:
         return None
 
 
-def summary(p: plan.Plan) -> dict:
+def summary(p: Plan) -> dict:
     pools = p.pools
     return {
         "table": p.table,
@@ -83,5 +84,5 @@ def summary(p: plan.Plan) -> dict:
     }
 
 
-def element_count(p: plan.Plan) -> int:
+def element_count(p: Plan) -> int:
     return sum(len(x.slots) + 2 for x in p.pools)

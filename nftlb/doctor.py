@@ -12,7 +12,7 @@ import importlib.metadata
 from pathlib import Path
 
 from nftlb import checks, doctor_vips, kernel, pools_file, schema
-from nftlb.checks import Address, Check
+from nftlb.checks import Address, Check, Verdict
 from nftlb.errors import ExitStatus, KernelError, NftlbError
 from nftlb.kernel import programs
 
@@ -97,7 +97,7 @@ def _bindings() -> str | None:
 
 def _tools() -> list[Check]:
     binary, bindings = _nft_version(), _bindings()
-    missing = "fail" if binary is None and bindings is None else "warn"
+    missing: Verdict = "fail" if binary is None and bindings is None else "warn"
     return [
         Check("nft", "ok", binary)
         if binary
@@ -219,7 +219,7 @@ def run(config: schema.Config | None, nft: kernel.Kernel | None, *, proc: Path =
             if where == "local":
                 local_vips.add(vip)
         found += doctor_vips.listeners(pools, local_vips)
-        found += doctor_vips.path_probes(config, local)
+        found += doctor_vips.path_probes(config, local) if config is not None else []
     return found
 
 

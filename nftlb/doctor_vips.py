@@ -88,7 +88,7 @@ def path_probes(config: schema.Config, local: dict[Address, str]) -> list[Check]
                 Check(
                     name,
                     "fail",
-                    f"{source} is an address of this box (dev {local.get(source) or route.get('dev')}): "
+                    f"{source} is an address of this box (dev {local.get(source) or (route or {}).get('dev')}): "
                     "a backend answers it like the gateway itself; choose one no host has",
                 )
             )
@@ -113,8 +113,8 @@ def path_probes(config: schema.Config, local: dict[Address, str]) -> list[Check]
         caught = []
         for rule in checks.rules():
             if "fwmark" in rule:
-                mark, mask = int(rule["fwmark"], 0), int(rule.get("fwmask", "0xffffffff"), 0)
-                if plan.PATH_PROBE_MARK & mask == mark:
+                value, mask = int(rule["fwmark"], 0), int(rule.get("fwmask", "0xffffffff"), 0)
+                if plan.PATH_PROBE_MARK & mask == value:
                     caught.append(f"{rule['fwmark']}/{rule.get('fwmask', '0xffffffff')} -> table {rule.get('table')}")
         mark = f"{plan.PATH_PROBE_MARK:#x}"
         out.append(

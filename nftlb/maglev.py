@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Set as AbstractSet
 from functools import lru_cache
 
 DEFAULT_MAX_SIZE = 65537  # largest default table (a prime)
@@ -65,7 +66,7 @@ def populate(size: int, backends: list[tuple[str, int]], table: list[str | None]
                 return table
 
 
-def table(size: int, backends: list[tuple[str, int]], out: set[str] = frozenset()) -> list[str]:
+def table(size: int, backends: list[tuple[str, int]], out: AbstractSet[str] = frozenset()) -> list[str]:
     """The lookup table for configured `backends` with the ones in `out` (down, drained) taken out.
 
     The table of all configured backends is built first; the slots of those that are out
@@ -75,11 +76,18 @@ def table(size: int, backends: list[tuple[str, int]], out: set[str] = frozenset(
     """
     base = populate(size, backends)
     if not out:
-        return base
+        return _filled(base)
     up = [(n, w) for n, w in backends if n not in out]
     if not up:
         return []
-    return populate(size, up, [s if s not in out else None for s in base])
+    return _filled(populate(size, up, [s if s not in out else None for s in base]))
+
+
+def _filled(slots: list[str | None]) -> list[str]:
+    """A table populate() filled: every slot holds a backend (there was at least one)."""
+    if None in slots:
+        raise ValueError("a Maglev table with empty slots: no backend to fill them")
+    return [s for s in slots if s is not None]
 
 
 def shares(slots: list[str]) -> dict[str, float]:
@@ -122,7 +130,7 @@ def default_size(weights: tuple[int, ...]) -> int:
     while size < DEFAULT_MAX_SIZE:
         if is_prime(size):
             names = [(f"b{i}", w) for i, w in enumerate(weights)]  # shares do not depend on names
-            got = shares(populate(size, names))
+            got = shares(_filled(populate(size, names)))
             worst_abs = max(got.get(f"b{i}", 0) - w / total for i, w in enumerate(weights))
             worst_rel = max(got.get(f"b{i}", 0) / (w / total) for i, w in enumerate(weights))
             if worst_abs <= 0.01 and (n < 10 or worst_rel <= 1.02):

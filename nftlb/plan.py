@@ -28,10 +28,12 @@ PATH_PROBE_MARK = 0x6E6C6270  # "nlbp"
 class Endpoint:
     address: IPAddress
     port: int
+    nft: str = field(init=False, repr=False)  # in a concatenation: "addr . port"
+    display: str = field(init=False, repr=False)  # for people: "addr:port", "[v6]:port"
 
     def __post_init__(self):  # spelled once: a large plan formats hundreds of thousands of them
         text = str(self.address)
-        object.__setattr__(self, "nft", f"{text} . {self.port}")  # in a concatenation: addr . port
+        object.__setattr__(self, "nft", f"{text} . {self.port}")
         object.__setattr__(
             self, "display", f"[{text}]:{self.port}" if self.address.version == 6 else f"{text}:{self.port}"
         )
@@ -209,7 +211,8 @@ def _pool(pool: Pool, conditions: Conditions) -> PoolPlan:
     def usable(group):
         return [b for b in group if id(b) not in drained and id(b) not in down]
 
-    group, chosen, fallback = primaries, usable(primaries), ""
+    fallback: Fallback = ""
+    group, chosen = primaries, usable(primaries)
     if not chosen and usable(backups):
         group, chosen, fallback = backups, usable(backups), "backups"
     if not chosen and pool.when_all_down == "keep-last":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ _MESSAGES = {
 }
 
 
-def _message(err: dict) -> str:
+def _message(err: Mapping[str, Any]) -> str:
     msg = _MESSAGES.get(err["type"])
     if msg is None:
         msg = err["msg"]
@@ -42,7 +43,7 @@ def _message(err: dict) -> str:
     return msg
 
 
-def _loc(err: dict) -> tuple:
+def _loc(err: Mapping[str, Any]) -> tuple:
     # pydantic adds the union member ("function-after[...]", "IPv4Address") to the loc; drop it
     return tuple(p for p in err["loc"] if isinstance(p, int) or not re.search(r"[\[\]A-Z]", p))
 
@@ -94,7 +95,7 @@ def parse(text: str, file: str = "<string>") -> Config:
         data = _json(text)
         if isinstance(data, dict):
             config, problems = _validate(data, _NoLines(file))
-            if not problems:
+            if config is not None and not problems:
                 return config
 
     def fail(line: int, field: str, message: str):
@@ -135,7 +136,7 @@ def parse(text: str, file: str = "<string>") -> Config:
         )
     config, problems = _validate(tree.data, tree)
     problems = tree.problems + problems
-    if problems:
+    if problems or config is None:
         raise ConfigError(sorted(problems, key=lambda p: p.line))
     return config
 
@@ -274,12 +275,13 @@ class _Partial:
             vip = None
         port = raw.get("port") if type(raw.get("port")) is int else None
         backends = []
-        for j, b in enumerate(raw.get("backends") if isinstance(raw.get("backends"), list) else []):
+        listed = raw.get("backends")
+        for j, b in enumerate(listed if isinstance(listed, list) else []):
             try:
                 backend = Backend.model_validate(b)
             except ValidationError:
                 continue
-            backend.port = backend.port or port
+            backend.port = backend.port or port or 0
             backends.append((j, backend))
         return cls(
             name=raw.get("name") if isinstance(raw.get("name"), str) else None,
@@ -309,7 +311,7 @@ def _cross_check(pools: list[_Partial], tree: Tree) -> list[Problem]:
             if first[1] != i:
                 problem(("pools", i, "name"), f"duplicate pool name {pool.name!r} (first on line {tree.line(first)})")
         service = (pool.vip, pool.port, pool.protocol)
-        if None not in service:
+        if pool.vip is not None and pool.port is not None and pool.protocol is not None:
             first = services.setdefault(service, ("pools", i, "vip"))
             if first[1] != i:
                 problem(
@@ -326,7 +328,7 @@ def _cross_check(pools: list[_Partial], tree: Tree) -> list[Problem]:
                     f"IPv{b.address.version} backend {b.address} in a pool whose vip {pool.vip} "
                     f"is IPv{pool.vip.version}",
                 )
-            if b.port is None:
+            if not b.port:
                 continue
             first = seen.setdefault(b.key, loc)
             if first is not loc:

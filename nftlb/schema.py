@@ -83,7 +83,7 @@ def _check_address(value: Any, what: str) -> IPAddress:
     if getattr(addr, "scope_id", None) is not None:  # "fe80::1%eth0": Python keeps whatever follows the %
         raise ValueError(f"{show(value)} has a zone index (%...); nftables addresses cannot carry one")
     shown = value.strip(_SPACE) if isinstance(value, str) else str(addr)  # as written, on one line
-    if getattr(addr, "ipv4_mapped", None):
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         raise ValueError(f"{shown} is an IPv4-mapped IPv6 address; write it as {addr.ipv4_mapped}")
     for bad, why in (
         (addr.is_unspecified, "unspecified"),
@@ -108,7 +108,7 @@ class _Model(BaseModel):
 
 class Backend(_Model):
     address: Annotated[IPAddress, PlainValidator(lambda v: _address(v, "backend"))]
-    port: StrictInt | None = Field(None, ge=1, le=65535)
+    port: StrictInt = Field(0, ge=1, le=65535)  # 0 (not given): the pool's port, filled in by Pool
     weight: StrictInt = Field(1, ge=1, le=1000)
     state: Literal["active", "drain"] = "active"
     backup: StrictBool = False  # used only while no primary backend of the pool is up
@@ -279,12 +279,12 @@ class Pool(_Model):
     @model_validator(mode="after")
     def _default_ports(self) -> Pool:
         for b in self.backends:
-            if b.port is None:
+            if not b.port:
                 b.port = self.port
         return self
 
     @property
-    def family(self) -> str:
+    def family(self) -> Literal["ip", "ip6"]:
         return "ip" if self.vip.version == 4 else "ip6"
 
 

@@ -25,6 +25,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ def sweep_temps(folder: Path, names=None) -> list[str]:
     NAME in `names`, or any NAME when None), once they are STALE_TEMP seconds old: younger
     ones may belong to a writer still at work. Readers never look at them. Returns those removed."""
     cutoff = time.time() - STALE_TEMP
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -263,7 +264,7 @@ def watch_lock(state_dir: Path, *, once: bool = False, timeout: float = 30.0) ->
 
 
 def bump_stats(
-    state_dir: Path, *, applied: bool = False, failed: bool = False, transitions: list[tuple[str, str, bool]] = ()
+    state_dir: Path, *, applied: bool = False, failed: bool = False, transitions: Sequence[tuple[str, str, bool]] = ()
 ) -> None:
     """Count an apply (successful or failed) and health transitions (pool, backend, up) in
     stats.json, under a lock of its own: the watcher and the CLI both count."""

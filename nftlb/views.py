@@ -143,7 +143,7 @@ def _ago(then: float | None, now: float) -> str:
     return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("", "k", "M", "G", "T"):
         if n < 1000:
             return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
@@ -192,9 +192,9 @@ def status(doc: dict) -> str:
             )
             for b in p["backends"]
         ]
-        head = ("backend", "config", "serving", "health", "conns", "bytes", "open")
-        widths = [max(len(row[i]) for row in [head, *cells]) for i in range(len(head))]
-        for row in [head, *cells]:
+        columns = ("backend", "config", "serving", "health", "conns", "bytes", "open")
+        widths = [max(len(row[i]) for row in [columns, *cells]) for i in range(len(columns))]
+        for row in [columns, *cells]:
             lines.append(
                 "  "
                 + "  ".join(

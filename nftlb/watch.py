@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nftlb import desired, health, ops, plan, probes, state
+from nftlb import desired, health, ops, plan, probes, schema, state
 from nftlb.errors import ConfigError, ExitStatus, NftlbError
 from nftlb.kernel import Kernel
 
@@ -46,10 +46,10 @@ class Watcher:
         self.records = health.load(doc)
         self.retry_whole_table = bool(doc.get("retry_whole_table"))
         self._written, self._written_at = self._essence(doc), 0.0
-        self._applied_stat = None
+        self._applied_stat: tuple[int, int, int] | None = None
         self.targets: dict[str, health.Target] = {}
         self.due: dict[str, float] = {}
-        self.config = None
+        self.config: schema.Config | None = None
         self._source: tuple[str, str] | None = None
         self._idle = False
         self.transactions = 0  # committed by this watcher (tests and metrics count them)

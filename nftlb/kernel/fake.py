@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from typing import Any
 
 from nftlb.errors import KernelError
 
@@ -101,7 +102,7 @@ class Fake:
         if objects is None or (name and f"{kind} {name[0]}" not in objects):
             return None
         keys = [f"{kind} {name[0]}"] if name else list(objects)
-        out = [{"metainfo": {"version": "fake"}}]
+        out: list[dict[str, Any]] = [{"metainfo": {"version": "fake"}}]
         if not name:
             out.append({"table": {"family": "inet", "name": table, "handle": 1}})
         for key in keys:
@@ -194,9 +195,9 @@ class _Interpreter:
                 obj["rules"] += [line for line in body if not line.startswith("type ")]
             else:
                 text = " ".join(body)
-                decl, _, elements = text.partition("elements = {")
-                obj["decl"] = decl.split() or obj["decl"]
-                for item in (x.strip() for x in elements.rstrip(" }").split(",") if elements):
+                head, _, listed = text.partition("elements = {")
+                obj["decl"] = head.split() or obj["decl"]
+                for item in (x.strip() for x in listed.rstrip(" }").split(",") if listed):
                     if item and _key(item) not in map(_key, obj["elements"]):
                         obj["elements"].append(item)
             i = end + 1

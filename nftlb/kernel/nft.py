@@ -114,9 +114,10 @@ class NftBinary(_Conntrack):
     has_table = staticmethod(netlink.has_table)
 
     def __init__(self, path: str | None = None):
-        self.path = path or programs.find("nft")
-        if not self.path:
+        found = path or programs.find("nft")
+        if not found:
             raise KernelError("the nft binary was not found on PATH; install the Debian package nftables")
+        self.path: str = found
 
     def _exec(self, argv: list[str], stdin: str | None = None) -> programs.Result:
         return programs.run(self.path, argv, stdin=stdin, timeout=600)
