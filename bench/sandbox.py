@@ -11,7 +11,6 @@ of its own.  Every command and every wait is bounded.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 import shutil
@@ -19,9 +18,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
+from pathlib import Path
 
-IP = shutil.which("ip") or "/usr/sbin/ip"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: integration/netns.py
+from integration import netns  # noqa: E402 - the path above first
+
+IP = netns.IP
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 NAME = ""  # e.g. "nlbhash"; set by init()
@@ -32,8 +34,7 @@ live_procs: list[subprocess.Popen] = []
 tmpdirs: list[str] = []
 
 
-class BenchError(RuntimeError):
-    pass
+BenchError = netns.NetnsError
 
 
 def init(name: str) -> str:
@@ -49,19 +50,11 @@ def log(msg: str) -> None:
 
 
 def run(argv, *, timeout: float, check: bool = True, input: str | None = None, cwd=None) -> subprocess.CompletedProcess:
-    argv = [str(a) for a in argv]
-    try:
-        cp = subprocess.run(argv, input=input, text=True, capture_output=True, timeout=timeout, cwd=cwd)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"timed out after {timeout}s: {' '.join(argv)[:300]}") from None
-    if check and cp.returncode != 0:
-        raise BenchError(f"exit {cp.returncode}: {' '.join(argv)[:300]}\n"
-                         f"stdout: {cp.stdout[-2000:]}\nstderr: {cp.stderr[-2000:]}")
-    return cp
+    return netns.run(argv, timeout=timeout, check=check, input=input, cwd=cwd)
 
 
 def nsexec(ns: str, *argv, timeout: float = 30, check: bool = True, input: str | None = None, cwd=None):
-    return run([IP, "netns", "exec", ns, *argv], timeout=timeout, check=check, input=input, cwd=cwd)
+    return netns.nsexec(ns, *argv, timeout=timeout, check=check, input=input, cwd=cwd)
 
 
 def popen(ns: str, argv, **kwargs) -> subprocess.Popen:
@@ -72,80 +65,28 @@ def popen(ns: str, argv, **kwargs) -> subprocess.Popen:
     return proc
 
 
-def list_netns() -> list[str]:
-    out = run([IP, "netns", "list"], timeout=10).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+list_netns = netns.list_netns
+pid_alive = netns.pid_alive
 
 
 def stop_proc(proc: subprocess.Popen, grace: float = 3.0) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # its own session: `ip netns exec` and what runs under it
-        except (ProcessLookupError, PermissionError):
-            proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                proc.kill()
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            try:
-                stream.close()
-            except OSError:
-                pass
+    netns.stop_process(proc, grace, group=True)  # its own session: `ip netns exec` and what runs under it
     if proc in live_procs:
         live_procs.remove(proc)
 
 
 def add_namespaces(namespaces) -> None:
-    clash = set(namespaces) & set(list_netns())
-    if clash:
-        raise BenchError(f"namespaces already exist: {sorted(clash)}")
-    for ns in namespaces:
-        live_ns.append(ns)  # recorded first: a partial failure is cleaned up too
-        run([IP, "netns", "add", ns], timeout=10)
+    netns.add(namespaces, created=live_ns)  # recorded first: a partial failure is cleaned up too
 
 
 def ip_batch(ns: str, cmds: list[str]) -> None:
     """`ip -n ns -batch -`: one `ip` command a line, all inside ns."""
-    run([IP, "-n", ns, "-batch", "-"], input="".join(c + "\n" for c in cmds), timeout=30)
+    netns.batch(ns, cmds)
 
 
 def wait_carrier(namespaces, timeout: float = 5.0) -> None:
     """Wait (bounded) until every link but lo in the namespaces has its carrier."""
-    deadline = time.monotonic() + timeout
-    while True:
-        down = []
-        for ns in namespaces:
-            links = json.loads(run([IP, "-n", ns, "-j", "link", "show"], timeout=10).stdout or "[]")
-            down += [f"{ns}:{l['ifname']}" for l in links
-                     if l["ifname"] != "lo" and "LOWER_UP" not in l.get("flags", [])]
-        if not down:
-            return
-        if time.monotonic() > deadline:
-            raise BenchError(f"no carrier after {timeout}s: {down}")
-        time.sleep(0.05)  # polling interval of a bounded wait
+    netns.wait_links_ready(namespaces, timeout)
 
 
 def _is_dead_run_ns(ns: str) -> bool:
@@ -160,33 +101,6 @@ def stale_namespaces() -> list[str]:
     return [ns for ns in list_netns() if _is_dead_run_ns(ns)]
 
 
-def kill_ns_pids(namespaces, grace: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL, whatever still runs in OUR namespaces."""
-    me = os.getpid()
-    pids = set()
-    for ns in namespaces:
-        cp = run([IP, "netns", "pids", ns], timeout=10, check=False)
-        pids |= {int(p) for p in cp.stdout.split() if p.isdigit() and int(p) != me}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
-            for pid in list(pids):
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            pids = {p for p in pids if pid_alive(p)}
-            if pids:
-                time.sleep(0.05)  # polling interval of a bounded wait
-        if not pids:
-            return
-
-
 def delete_namespaces(namespaces) -> list[str]:
     """Kill processes in and delete the given namespaces (only ever ours). Returns leftovers."""
     if not PREFIX:
@@ -194,11 +108,7 @@ def delete_namespaces(namespaces) -> list[str]:
     todo = [ns for ns in namespaces if ns.startswith(PREFIX) or _is_dead_run_ns(ns)]
     if not todo:
         return []
-    existing = set(list_netns())
-    todo = [ns for ns in todo if ns in existing]
-    kill_ns_pids(todo)
-    for ns in todo:
-        run([IP, "netns", "delete", ns], timeout=15, check=False)
+    netns.delete(todo)
     left = set(list_netns())
     for ns in namespaces:
         if ns not in left and ns in live_ns:

@@ -36,7 +36,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,13 +43,14 @@ import threading
 import time
 import weakref
 
+from integration import netns
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER_PY = os.path.join(HERE, "server.py")
 CLIENT_PY = os.path.join(HERE, "client.py")
 # Helper scripts are stdlib only; run them with the system interpreter.
 PYTHON = os.environ.get("NFTLB_LAB_PYTHON") or ("/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable)
-IP = shutil.which("ip") or "/usr/sbin/ip"
-SYSCTL = shutil.which("sysctl") or "/usr/sbin/sysctl"
+IP, SYSCTL = netns.IP, netns.SYSCTL
 
 # Every namespace created by this process starts with this string.
 PROCESS_PREFIX = f"nlb{os.getpid()}x"
@@ -58,7 +58,7 @@ PROCESS_PREFIX = f"nlb{os.getpid()}x"
 DEFAULT_TCP_PORTS = (8080,)
 DEFAULT_UDP_PORTS = (5353,)
 READY_TIMEOUT = 10.0  # seconds to wait for a server's "ready"
-KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+KILL_GRACE = netns.KILL_GRACE  # seconds between SIGTERM and SIGKILL
 UDP_FIRST_SPORT = 20000  # udp_spread() source ports count up from here
 
 BRIDGE_NF_OFF = (
@@ -73,26 +73,9 @@ _live_labs: "weakref.WeakSet[Lab]" = weakref.WeakSet()
 _vip_kind: str | None = None  # link kind that worked for vip0 ("dummy" or "ifb")
 
 
-class LabError(RuntimeError):
-    """A lab operation failed."""
-
-
-class LabTimeout(LabError):
-    """A bounded wait expired."""
-
-
-class LabCommandError(LabError):
-    """A command returned non-zero; message includes stdout and stderr."""
-
-    def __init__(self, argv, returncode, stdout, stderr):
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stdout = stdout or ""
-        self.stderr = stderr or ""
-        super().__init__(
-            f"command {' '.join(self.argv)!r} exited {returncode}\n"
-            f"--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
-        )
+LabError = netns.NetnsError  # a lab operation failed
+LabTimeout = netns.Timeout  # a bounded wait expired
+LabCommandError = netns.CommandError  # a command returned non-zero; the message has its stdout and stderr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,92 +86,10 @@ class BackendHost:
     ipv6: str  # "fd00:b::11"
 
 
-def _run(argv, *, check=True, timeout=30.0, input=None, env=None) -> subprocess.CompletedProcess:
-    try:
-        cp = subprocess.run(
-            list(argv), input=input, text=True, capture_output=True, timeout=timeout, env=env
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        raise LabTimeout(
-            f"command {' '.join(argv)!r} timed out after {timeout}s\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
-        ) from None
-    if check and cp.returncode != 0:
-        raise LabCommandError(argv, cp.returncode, cp.stdout, cp.stderr)
-    return cp
-
-
-def list_netns() -> list[str]:
-    """Names of all named network namespaces (``ip netns list``)."""
-    out = _run([IP, "netns", "list"], timeout=10).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _ns_pids(ns: str) -> list[int]:
-    cp = _run([IP, "netns", "pids", ns], check=False, timeout=10)
-    return [int(p) for p in cp.stdout.split() if p.isdigit()]
-
-
-def _kill_ns_pids(namespaces, deadline: float) -> None:
-    """SIGTERM then SIGKILL every process living in the given namespaces."""
-    me = os.getpid()
-    pids = {p for ns in namespaces for p in _ns_pids(ns) if p != me}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        wait_until = min(deadline, time.monotonic() + KILL_GRACE)
-        while pids and time.monotonic() < wait_until:
-            pids = {p for p in pids if _pid_alive(p)}
-            if pids:
-                time.sleep(0.02)  # polling interval, not synchronisation
-        if not pids:
-            return
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as dead; reap it if it is ours.
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def delete_netns(namespaces, timeout: float = 15.0) -> list[str]:
-    """Kill processes in, then delete, the given namespaces.
-
-    Returns the names still present afterwards (empty on success)."""
-    namespaces = list(namespaces)
-    if not namespaces:
-        return []
-    deadline = time.monotonic() + timeout
-    existing = set(list_netns())
-    todo = [ns for ns in namespaces if ns in existing]
-    if not todo:
-        return []
-    _kill_ns_pids(todo, deadline)
-    batch = "".join(f"netns delete {ns}\n" for ns in todo)
-    _run([IP, "-force", "-batch", "-"], input=batch, check=False, timeout=max(1.0, deadline - time.monotonic()))
-    left = [ns for ns in todo if ns in set(list_netns())]
-    for ns in left:  # one more try, one at a time
-        _run([IP, "netns", "delete", ns], check=False, timeout=10)
-    return [ns for ns in left if ns in set(list_netns())]
+_run = netns.run
+list_netns = netns.list_netns
+delete_netns = netns.delete
+_pid_alive = netns.pid_alive
 
 
 def sweep(prefix: str = PROCESS_PREFIX) -> list[str]:
@@ -239,23 +140,7 @@ class _LineReader:
         return line.decode(errors="replace")
 
 
-def _stop_process(proc: subprocess.Popen, grace: float = KILL_GRACE) -> None:
-    if proc.poll() is None:
-        try:
-            proc.terminate()
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            try:
-                stream.close()
-            except OSError:
-                pass
+_stop_process = netns.stop_process
 
 
 class HeldConnection:
@@ -359,14 +244,7 @@ class Lab:
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
-        existing = set(list_netns())
-        clash = [ns for ns in self.namespaces if ns in existing]
-        if clash:
-            raise LabError(f"namespaces already exist: {clash}")
-        for ns in self.namespaces:
-            # Recorded before creation so that teardown also covers a partial failure.
-            self._created.append(ns)
-            _run([IP, "netns", "add", ns], timeout=10)
+        netns.add(self.namespaces, created=self._created)  # recorded first: teardown covers a partial failure
         # No IPv6 DAD anywhere, set before any interface exists so that
         # link-local addresses are usable at once too (a router with only a
         # tentative link-local address does not send neighbour solicitations
@@ -453,7 +331,7 @@ class Lab:
         raise LabError(f"cannot create vip0 in {self.gw}: {'; '.join(errors)}")
 
     def _batch(self, ns: str, commands: list[str]) -> None:
-        _run([IP, "-n", ns, "-batch", "-"], input="".join(c + "\n" for c in commands), timeout=30)
+        netns.batch(ns, commands)
 
     def _sysctl(self, ns: str, *settings: str) -> None:
         if not os.path.isdir("/proc/sys/net/bridge"):
@@ -461,25 +339,7 @@ class Lab:
         self.exec(ns, SYSCTL, "-q", "-w", *settings, timeout=10)
 
     def _wait_links_ready(self, timeout: float = 5.0) -> None:
-        """Poll until every veth/bridge has carrier and no IPv6 address is tentative."""
-        deadline = time.monotonic() + timeout
-        pending = list(self.namespaces)
-        last = ""
-        while True:
-            still = []
-            for ns in pending:
-                links = json.loads(_run([IP, "-n", ns, "-j", "link", "show"], timeout=10).stdout or "[]")
-                down = [l["ifname"] for l in links if l["ifname"] != "lo" and "LOWER_UP" not in l.get("flags", [])]
-                tentative = _run([IP, "-n", ns, "-6", "addr", "show", "tentative"], timeout=10).stdout.strip()
-                if down or tentative:
-                    still.append(ns)
-                    last = f"{ns}: no carrier on {down}; tentative: {tentative!r}"
-            pending = still
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise LabTimeout(f"links not ready after {timeout}s: {last}")
-            time.sleep(0.02)  # polling interval
+        netns.wait_links_ready(self.namespaces, timeout)
 
     def add_local_vip(self, addr: str) -> None:
         """Assign ``addr`` (/32 or /128, nodad for IPv6) to gw's vip0."""
