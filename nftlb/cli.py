@@ -17,8 +17,8 @@ from typing import Annotated
 
 import typer
 
-from nftlb import __version__, desired, explain, kernel, logs, ops, plan, pools_file, schema, state, units, views, watch
-from nftlb.errors import ConfigError, ExitStatus, NftlbError, UsageError
+from nftlb import __version__, desired, explain, kernel, logs, ops, plan, pools_file, state, units, views, watch
+from nftlb.errors import ExitStatus, NftlbError
 
 app = typer.Typer(
     name="nftlb",
@@ -74,17 +74,6 @@ def _out(as_json: bool, doc: dict, text: str) -> None:
 
 def _kernel(via: KernelName | None) -> kernel.Kernel:
     return kernel.make(via.value if via else None)
-
-
-def _client(text: str | None) -> tuple[str, int | None] | None:
-    if text is None:
-        return None
-    try:
-        parsed = schema._parse_short(text)
-        schema._address(parsed["address"], "client")
-    except ValueError as e:
-        raise UsageError(f"--client {text!r}: {e}") from None
-    return parsed["address"].strip("[]"), parsed.get("port")
 
 
 @app.callback()
@@ -292,7 +281,7 @@ def explain_(
     Example:
       nftlb explain pools.yaml web --client 203.0.113.7:51000
     """
-    e = explain.pool(file, pool, state_dir if state_dir.exists() else None, _client(client))
+    e = explain.pool(file, pool, state_dir if state_dir.exists() else None, explain.client(client))
     _out(as_json, e, views.explain(e))
 
 
@@ -388,15 +377,6 @@ def doctor_(
     raise typer.Exit(code)
 
 
-def _report(e: NftlbError, as_json: bool) -> None:
-    problems = e.problems if isinstance(e, ConfigError) else []
-    for line in (str(p) for p in problems) if problems else [f"nftlb: {e}"]:
-        print(line, file=sys.stderr)
-    if as_json:
-        doc = {"ok": False, "exit_code": int(e.exit_code), "error": str(e), "problems": [p.as_dict() for p in problems]}
-        print(json.dumps(doc, indent=2, sort_keys=True))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -404,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except NftlbError as e:
-        _report(e, as_json="--json" in args)
+        views.report(e, as_json="--json" in args)
         return int(e.exit_code)
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED

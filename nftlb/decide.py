@@ -11,13 +11,21 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-from nftlb.live import Live
 from nftlb.plan import Plan
 
 Action = Literal["applied", "in-sync", "dry-run"]  # what the command reports
 # small: only the changed elements and chains; whole: replace the table; record: the kernel
 # already matches and only the record (and history) move; none: nothing at all
 Kind = Literal["small", "whole", "record", "none"]
+
+
+@dataclass(frozen=True)
+class Live:
+    """What is known of the live table (nftlb.live.inspect finds it out)."""
+
+    exists: bool
+    trusted: bool  # exactly what nftlb's last commit left
+    drift: str | None  # when not trusted: why, or what changed
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nftlb import desired, maglev
+from nftlb import desired, maglev, schema
 from nftlb.errors import UsageError
 from nftlb.plan import Endpoint
 
@@ -75,3 +75,15 @@ def pool(
                 "why": f"{p.scheduler} does not depend on the client",
             }
     return out
+
+
+def client(text: str | None) -> tuple[str, int | None] | None:
+    """`--client ADDR[:PORT]` ([V6]:PORT): (address, port or None); UsageError when it is neither."""
+    if text is None:
+        return None
+    try:
+        parsed = schema._parse_short(text)
+        schema._address(parsed["address"], "client")
+    except ValueError as e:
+        raise UsageError(f"--client {text!r}: {e}") from None
+    return parsed["address"].strip("[]"), parsed.get("port") or None

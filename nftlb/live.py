@@ -10,17 +10,9 @@ table is not trusted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from nftlb import __version__, diff, state
+from nftlb.decide import Live
 from nftlb.kernel import Kernel
-
-
-@dataclass(frozen=True)
-class Live:
-    exists: bool
-    trusted: bool  # exactly what nftlb's last commit left
-    drift: str | None  # when not trusted: why, or what changed
 
 
 def inspect(nft: Kernel, applied: state.Applied | None, table: str) -> Live:

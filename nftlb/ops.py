@@ -44,7 +44,7 @@ class Result:
         }
 
 
-def _diff(want: desired.Desired, applied: state.Applied | None, now: live.Live) -> diff.Diff:
+def _diff(want: desired.Desired, applied: state.Applied | None, now: decide.Live) -> diff.Diff:
     """The operator's view: nftlb's rendering of what is live against the file's."""
     old = None
     if applied is not None and applied.table == want.plan.table and now.exists:

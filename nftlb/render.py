@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jinja2
 
-from nftlb import allowlist, elements, names, units
+from nftlb import allowlist, elements, names
 from nftlb.allowlist import address, check_elements, check_plan, check_pool, ident, num, table_name, token
 from nftlb.errors import RenderError, show
 from nftlb.plan import PATH_PROBE_MARK, Plan
@@ -29,9 +29,9 @@ def _raise(message: str):
     raise RenderError(message)
 
 
-@cache
-def environment(directory: str | None = None) -> jinja2.Environment:
-    env = jinja2.Environment(
+def jinja(directory: str | None = None) -> jinja2.Environment:
+    """A jinja2 environment on templates/ that refuses whatever is undefined."""
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(directory or template_dir()),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -40,17 +40,17 @@ def environment(directory: str | None = None) -> jinja2.Environment:
         autoescape=False,
         extensions=["jinja2.ext.do"],
     )
+
+
+@cache
+def environment() -> jinja2.Environment:
+    """The nft templates' environment: the allow-list filters, the object names."""
+    env = jinja()
     env.filters["ident"] = ident
     env.filters["table_name"] = table_name
     env.filters["token"] = token
     env.filters["num"] = num
     env.filters["address"] = address
-    env.filters["q"] = units.systemd_quote
-    env.filters["q_path"] = units.systemd_path
-    env.filters["unit_text"] = units.systemd_text
-    env.filters["unit_comment"] = units.systemd_comment
-    env.filters["timespan"] = units.systemd_timespan
-    env.tests["plain_directory"] = units.systemd_directory
     env.globals["names"] = names
     env.globals["raise"] = _raise
     env.globals["path_mark"] = PATH_PROBE_MARK

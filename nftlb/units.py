@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+from functools import cache
 from pathlib import Path
 
 from nftlb import pools_file, render, schema, state
@@ -85,6 +86,19 @@ def executable() -> str:
     return systemd_quote(found) if found else f"{systemd_quote(sys.executable)} -m nftlb"
 
 
+@cache
+def _environment():
+    """The units' templates, with the quoting filters above."""
+    env = render.jinja()
+    env.filters["q"] = systemd_quote
+    env.filters["q_path"] = systemd_path
+    env.filters["unit_text"] = systemd_text
+    env.filters["unit_comment"] = systemd_comment
+    env.filters["timespan"] = systemd_timespan
+    env.tests["plain_directory"] = systemd_directory
+    return env
+
+
 def render_units(config: Path, state_dir: Path, every: str = "10s") -> dict[str, str]:
     state_dir = Path(state_dir).resolve()
     under = state_dir.relative_to("/var/lib") if state_dir.is_relative_to("/var/lib") else None
@@ -95,7 +109,7 @@ def render_units(config: Path, state_dir: Path, every: str = "10s") -> dict[str,
         "state_directory": str(under) if under and str(under) != "." else "",
         "every": every,
     }
-    env = render.environment()
+    env = _environment()
     return {name: env.get_template(f"{name}.j2").render(**context) for name in UNITS}
 
 

@@ -4,9 +4,13 @@ library's result to text. (`--json` prints the result's own dict instead: nftlb.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from nftlb.errors import ConfigError, NftlbError
 
 
 def _names(names, most: int = 8) -> str:
@@ -214,3 +218,14 @@ def doctor(checks) -> str:
     summary = ", ".join(f"{n} {v}" for v, n in counts.items())
     verdict = "traffic is blocked" if counts["fail"] else ("works, with warnings" if counts["warn"] else "ready")
     return "\n".join(lines + [f"doctor: {verdict} ({summary})"]) + "\n"
+
+
+def report(e: NftlbError, as_json: bool) -> None:
+    """An error, on stderr: a ConfigError's problems one a line, else one line; with --json, a
+    document on stdout too."""
+    problems = e.problems if isinstance(e, ConfigError) else []
+    for line in (str(p) for p in problems) if problems else [f"nftlb: {e}"]:
+        print(line, file=sys.stderr)
+    if as_json:
+        doc = {"ok": False, "exit_code": int(e.exit_code), "error": str(e), "problems": [p.as_dict() for p in problems]}
+        print(json.dumps(doc, indent=2, sort_keys=True))

@@ -1,7 +1,7 @@
 """apply's decision, pure: from facts to frozen data, with no kernel and no state dir."""
 
 from nftlb import decide, desired, plan, pools_file
-from nftlb.live import Live
+from nftlb.decide import Live
 
 A = "pools:\n  - {name: web, vip: 198.51.100.1, port: 80, backends: [10.0.0.1, 10.0.0.2]}\n"
 B = A + "  - {name: dns, vip: 198.51.100.2, port: 53, protocol: udp, backends: [10.0.0.1]}\n"

@@ -97,7 +97,7 @@ def test_identifiers_are_checked_again_at_render_time():
 def test_undefined_template_variables_fail_loudly(tmp_path):
     (tmp_path / "t.j2").write_text("{{ nope }}")
     with pytest.raises(jinja2.UndefinedError):
-        render.environment(str(tmp_path)).get_template("t.j2").render()
+        render.jinja(str(tmp_path)).get_template("t.j2").render()
 
 
 def test_template_dir_found():
