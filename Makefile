@@ -1,11 +1,12 @@
 # make demo: install, build a throwaway namespace lab, balance real traffic, clean up.
-# make test: install, then the whole suite (unit tests and kernel tests in namespaces; needs root).
+# make test: install, then ruff and mypy over nftlb/, then the whole suite (unit tests and kernel tests
+#   in namespaces; needs root).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := nftables python3-nftables iproute2 conntrack python3-venv
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: install deps test unit demo bench clean
+.PHONY: install deps check test unit demo bench clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -22,7 +23,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: deps $(VENV)/.installed
 
-test: install
+# The house's guards first (lint, format, types), then the suite.
+check: install
+	$(PY) -m ruff check nftlb
+	$(PY) -m ruff format --check nftlb
+	$(PY) -m mypy
+
+test: check
 	$(PY) -m pytest
 
 unit: install
