@@ -26,15 +26,15 @@ DEFAULT_PORT = 9650
 class StatusCollector:
     """Turns one status.collect() into metric families at each scrape."""
 
-    def __init__(self, make_backend: Callable[[], Kernel], state_dir: Path, conntrack: str | None = None):
-        self.make_backend, self.state_dir, self.conntrack = make_backend, Path(state_dir), conntrack
+    def __init__(self, make_kernel: Callable[[], Kernel], state_dir: Path, conntrack: str | None = None):
+        self.make_kernel, self.state_dir, self.conntrack = make_kernel, Path(state_dir), conntrack
         self._nft: Kernel | None = None
 
     def collect(self):
         ok = GaugeMetricFamily("nftlb_status_ok", "1 when the last scrape could read the state dir and the kernel")
         try:
             if self._nft is None:
-                self._nft = self.make_backend()  # its own kernel handle: scrapes run in another thread
+                self._nft = self.make_kernel()  # its own kernel handle: scrapes run in another thread
             doc = status.collect(self._nft, self.state_dir, conntrack=self.conntrack)
         except NftlbError as e:
             log.error("metrics: %s", e)
@@ -104,9 +104,9 @@ class StatusCollector:
         yield from (applies, failures, last, loaded)
 
 
-def registry(make_backend: Callable[[], Kernel], state_dir: Path) -> CollectorRegistry:
+def registry(make_kernel: Callable[[], Kernel], state_dir: Path) -> CollectorRegistry:
     reg = CollectorRegistry()
-    reg.register(StatusCollector(make_backend, state_dir))
+    reg.register(StatusCollector(make_kernel, state_dir))
     return reg
 
 
