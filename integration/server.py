@@ -7,6 +7,11 @@ Run inside a backend namespace::
 
 * TCP: an HTTP/1.1 server with keep-alive on every ``--tcp`` port.
 * UDP: answers every datagram on every ``--udp`` port.
+* ``--echo PORT``: a line server: each line received is answered with the line
+  ``NAME\n`` (many long-lived connections, one thread).
+* ``--push PORT``: a server that speaks first: every ``--push-every`` seconds
+  (default 0.01) it writes ``NAME SEQ\n`` on each connection, SEQ counting up
+  from 0 per connection.
 
 Every answer is the JSON object ``{"backend": NAME, "peer": "client ip as
 seen"}``; HTTP answers also carry an ``X-Backend: NAME`` header.  All sockets
@@ -116,11 +121,81 @@ def _udp_loop(sock: socket.socket, name: str) -> None:
             pass
 
 
+def _lines_loop(echo_ports, push_ports, name: str, every: float, stop: threading.Event) -> None:
+    """One selectors loop for every --echo and --push connection."""
+    import selectors
+    import time
+
+    sel = selectors.DefaultSelector()
+    for port, kind in [(p, "echo") for p in echo_ports] + [(p, "push") for p in push_ports]:
+        ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("::", port))
+        ls.listen(1024)
+        ls.setblocking(False)
+        sel.register(ls, selectors.EVENT_READ, ("listen", kind))
+    pushed = {}  # socket -> next sequence number
+    pending = {}  # socket -> the rest of a line not yet sent
+    answer = f"{name}\n".encode()
+    next_push = time.monotonic() + every
+    while not stop.is_set():
+        timeout = max(0.0, next_push - time.monotonic()) if pushed else 0.5
+        for key, _ in sel.select(timeout):
+            role, kind = key.data
+            if role == "listen":
+                try:
+                    conn, _ = key.fileobj.accept()
+                except OSError:
+                    continue
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sel.register(conn, selectors.EVENT_READ, ("conn", kind))
+                if kind == "push":
+                    pushed[conn] = 0
+                continue
+            conn = key.fileobj
+            try:
+                data = conn.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(conn)
+                pushed.pop(conn, None)
+                pending.pop(conn, None)
+                conn.close()
+                continue
+            if kind == "echo":
+                try:
+                    conn.sendall(answer * data.count(b"\n"))
+                except OSError:
+                    pass
+        if pushed and time.monotonic() >= next_push:
+            next_push += every
+            if next_push < time.monotonic():  # behind: do not burst to catch up
+                next_push = time.monotonic() + every
+            for conn, seq in list(pushed.items()):
+                out = pending.get(conn, b"")
+                if not out:  # a new line only once the last one is out whole
+                    out, pushed[conn] = f"{name} {seq}\n".encode(), seq + 1
+                try:
+                    pending[conn] = out[conn.send(out):]
+                except BlockingIOError:
+                    pending[conn] = out  # the client's window is full: wait, do not queue more
+                except OSError:
+                    pending[conn] = b""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True)
     parser.add_argument("--tcp", type=int, action="append", default=[])
     parser.add_argument("--udp", type=int, action="append", default=[])
+    parser.add_argument("--echo", type=int, action="append", default=[])
+    parser.add_argument("--push", type=int, action="append", default=[])
+    parser.add_argument("--push-every", type=float, default=0.01)
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -142,6 +217,9 @@ def main(argv=None) -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("::", port))
         threads.append(threading.Thread(target=_udp_loop, args=(sock, args.name), daemon=True))
+    if args.echo or args.push:
+        threads.append(threading.Thread(target=_lines_loop, args=(args.echo, args.push, args.name, args.push_every,
+                                                                   stop), daemon=True))
     for t in threads:
         t.start()
 

@@ -48,6 +48,15 @@ def _loc(err: Mapping[str, Any]) -> tuple:
     return tuple(p for p in err["loc"] if isinstance(p, int) or not re.search(r"[\[\]A-Z]", p))
 
 
+def model_problems(e: ValidationError, tree) -> list[Problem]:
+    """pydantic's errors as Problems at the lines the tree knows."""
+    out = []
+    for err in e.errors(include_url=False):
+        loc = _loc(err)
+        out.append(Problem(tree.file, tree.line(loc), field_name(loc) or "(top)", _message(err)))
+    return out
+
+
 def read(path: str | Path) -> str:
     """The pools file's text; ConfigError if it cannot be read, is too large or is not UTF-8."""
     file = str(path)
@@ -98,11 +107,23 @@ def parse(text: str, file: str = "<string>") -> Config:
             if config is not None and not problems:
                 return config
 
+    tree = tree_of(text, file, "a mapping with a 'pools' list")
+    config, problems = _validate(tree.data or {}, tree)
+    problems = tree.problems + problems
+    if problems or config is None:
+        raise ConfigError(sorted(problems, key=lambda p: p.line))
+    return config
+
+
+def tree_of(text: str, file: str, expected: str) -> Tree:
+    """The YAML text as data with line numbers; ConfigError (with a line) when it is not YAML, or
+    not a mapping (`expected` says what it should be)."""
+
     def fail(line: int, field: str, message: str):
         raise ConfigError([Problem(file, line, field, message)])
 
     if not text.strip(" \t\r\n\ufeff"):  # YAML would stumble on a tab; it is an empty file
-        fail(1, "(top)", "file is empty; expected a mapping with a 'pools' list")
+        fail(1, "(top)", f"file is empty; expected {expected}")
 
     try:
         tree = Tree(text, file)
@@ -131,14 +152,8 @@ def parse(text: str, file: str = "<string>") -> Config:
         fail(0, "file", "nested too deeply")
     if not isinstance(tree.data, dict):
         what = "empty" if tree.data is None else f"a {type(tree.data).__name__}"
-        raise ConfigError(
-            tree.problems + [Problem(file, 1, "(top)", f"file is {what}; expected a mapping with a 'pools' list")]
-        )
-    config, problems = _validate(tree.data, tree)
-    problems = tree.problems + problems
-    if problems or config is None:
-        raise ConfigError(sorted(problems, key=lambda p: p.line))
-    return config
+        raise ConfigError(tree.problems + [Problem(file, 1, "(top)", f"file is {what}; expected {expected}")])
+    return tree
 
 
 def _json(text: str) -> Any:
@@ -167,86 +182,53 @@ class _NoLines:
 
 
 def _validate(data: dict, tree) -> tuple[Config | None, list[Problem]]:
-    file, problems, config = tree.file, [], None
+    problems: list[Problem] = []
+    config = None
+
+    def problem(loc: tuple, message: str) -> None:
+        problems.append(Problem(tree.file, tree.line(loc), field_name(loc), message))
+
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
-        for err in e.errors(include_url=False):
-            loc = _loc(err)
-            problems.append(Problem(file, tree.line(loc), field_name(loc) or "(top)", _message(err)))
+        problems += model_problems(e, tree)
     if config is not None:  # valid field by field: check across fields on the validated pools
         problems += _cross_check([_Partial.from_pool(p) for p in config.pools], tree)
     elif isinstance(data.get("pools"), list):  # else on whatever each pool has that is readable
         problems += _cross_check([_Partial.of(p) for p in data["pools"]], tree)
-    if config is not None:
-        for i, pool in enumerate(config.pools):
-            h = config.probe_settings(pool)
-            if h is not None and h.timeout > h.interval:
-                loc = ("pools", i, "health")
-                problems.append(
-                    Problem(
-                        file,
-                        tree.line(loc),
-                        field_name(loc),
-                        f"timeout ({h.timeout:g}s) must not exceed interval ({h.interval:g}s)",
-                    )
-                )
-            if isinstance(pool.health, HealthOverride) and pool.health.path and pool.mode != "dnat":
-                loc = ("pools", i, "health", "path")
-                problems.append(
-                    Problem(
-                        file,
-                        tree.line(loc),
-                        field_name(loc),
-                        "path probes are for mode: dnat (masquerade backends answer the "
-                        "gateway's own address, which the plain probe already uses)",
-                    )
-                )
-            elif h is not None and h.path and pool.vip.version not in {a.version for a in config.health.path_source}:
-                loc = ("health", "path_source")
-                problems.append(
-                    Problem(
-                        file,
-                        tree.line(loc),
-                        field_name(loc),
-                        f"pool {pool.name} is probed by its clients' path and needs an "
-                        f"IPv{pool.vip.version} path_source",
-                    )
-                )
-            if pool.persistence and pool.vip.version == 6:
-                loc = ("pools", i, "persistence")
-                problems.append(
-                    Problem(
-                        file,
-                        tree.line(loc),
-                        field_name(loc),
-                        "persistence is for IPv4 pools: nft 1.0.6 cannot keep an IPv6 client with its "
-                        "backend in a dynamic map (use scheduler: source-hash to keep clients together)",
-                    )
-                )
-            if pool.table_size is not None and pool.table_size < len(pool.backends):
-                loc = ("pools", i, "table_size")
-                problems.append(
-                    Problem(
-                        file,
-                        tree.line(loc),
-                        field_name(loc),
-                        f"{pool.table_size} slots cannot hold {len(pool.backends)} backends",
-                    )
-                )
-        taken = {p.vip for p in config.pools} | {b.address for p in config.pools for b in p.backends}
-        for a in config.health.path_source:
-            if a in taken:
-                loc = ("health", "path_source")
-                problems.append(
-                    Problem(
-                        file,
-                        tree.line(loc),
-                        field_name(loc),
-                        f"{a} is a VIP or a backend here; a "
-                        "path source must be an address no client, VIP or backend has",
-                    )
-                )
+    if config is None:
+        return config, problems
+    families = {a.version for a in config.health.path_source}
+    for i, pool in enumerate(config.pools):
+        h = config.probe_settings(pool)
+        if h is not None and h.timeout > h.interval:
+            problem(("pools", i, "health"), f"timeout ({h.timeout:g}s) must not exceed interval ({h.interval:g}s)")
+        if isinstance(pool.health, HealthOverride) and pool.health.path and pool.mode != "dnat":
+            problem(
+                ("pools", i, "health", "path"),
+                "path probes are for mode: dnat (masquerade backends answer "
+                "the gateway's own address, which the plain probe already uses)",
+            )
+        elif h is not None and h.path and pool.vip.version not in families:
+            problem(
+                ("health", "path_source"),
+                f"pool {pool.name} is probed by its clients' path and needs an IPv{pool.vip.version} path_source",
+            )
+        if pool.persistence and pool.vip.version == 6:
+            problem(
+                ("pools", i, "persistence"),
+                "persistence is for IPv4 pools: nft 1.0.6 cannot keep an IPv6 "
+                "client with its backend in a dynamic map (use scheduler: source-hash to keep clients together)",
+            )
+        if pool.table_size is not None and pool.table_size < len(pool.backends):
+            problem(("pools", i, "table_size"), f"{pool.table_size} slots cannot hold {len(pool.backends)} backends")
+    taken = {p.vip for p in config.pools} | {b.address for p in config.pools for b in p.backends}
+    for a in config.health.path_source:
+        if a in taken:
+            problem(
+                ("health", "path_source"),
+                f"{a} is a VIP or a backend here; a path source must be an address no client, VIP or backend has",
+            )
     return config, problems
 
 
